@@ -1,0 +1,305 @@
+"""The Dataset, its transforms (timm), and upsampling of rare classes.
+
+Data flows: prepared root (``preprocess_data.py``) -> split CSVs -> ``load_splits`` (pandas) -> ``DefectDataset``.
+Each item is (float32 image [C, H, W], int64 label index in ``softLabelLoss.LABELS`` order or -1 when unlabelled,
+int64 sample index).
+"""
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from sklearn.utils.class_weight import compute_class_weight
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torch.utils.data import Dataset, default_collate
+from torchvision import transforms
+
+from preprocess_data import (BOX_COLUMNS, SPLITS, crop_window, crop_with_padding, is_image, load_list,
+                             prepare_split, scan_class_folders, scan_plain_folder, shift_window, validate_list)
+from softLabelLoss import LABEL_INDEX, LABELS
+from utils import DataError
+
+log = logging.getLogger('datasets')
+cv2.setNumThreads(0)  # DataLoader workers already run in parallel
+
+
+class ImageReadError(Exception):
+    """An image file is missing, unreadable or corrupt."""
+
+
+def read_image(path, channels=3):
+    """Read an image with OpenCV as uint8, whatever its depth and channels.
+
+    Grayscale, BGR, BGRA (alpha dropped) and palette images are converted; 16-bit images are scaled to 8 bits
+    (value / 257, so 65535 -> 255, never clipped); float images in [0, 1] are scaled by 255.
+
+    Args:
+        path: image file.
+        channels: 3 for RGB [H, W, 3], 1 for grayscale [H, W].
+
+    Returns:
+        uint8 numpy array.
+
+    Raises:
+        ImageReadError: missing, unreadable or corrupt file (message names the file).
+    """
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    if img is None or img.size == 0:
+        reason = 'file not found' if not Path(path).is_file() else 'cannot be decoded (corrupt or unsupported)'
+        raise ImageReadError(f'{path}: {reason}')
+    if img.dtype == np.uint16:
+        img = np.round(img.astype(np.float32) / 257.0).astype(np.uint8)
+    elif img.dtype in (np.float32, np.float64):
+        img = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise ImageReadError(f'{path}: unsupported pixel type {img.dtype}')
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim == 2:
+        return img if channels == 1 else cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    code = {(3, 3): cv2.COLOR_BGR2RGB, (4, 3): cv2.COLOR_BGRA2RGB,
+            (3, 1): cv2.COLOR_BGR2GRAY, (4, 1): cv2.COLOR_BGRA2GRAY}[(img.shape[2], channels)]
+    return cv2.cvtColor(img, code)
+
+
+class PerImageStandardize:
+    """Standardise each image to zero mean and unit variance over all its pixels (float tensor [C, H, W])."""
+
+    def __call__(self, x):
+        return (x - x.mean()) / x.std().clamp_min(1e-6)
+
+    def __repr__(self):
+        return 'PerImageStandardize()'
+
+
+def build_transform(is_train, args):
+    """timm transforms (``timm.data.create_transform``) for training or evaluation.
+
+    Training: RandomResizedCrop(scale=``--scale``) to ``--input_size``, ``--hflip``/``--vflip``, ``--color_jitter``,
+    ``--aa`` RandAugment, ``--reprob`` random erasing. Evaluation: resize to input_size / ``--crop_pct``, centre crop.
+    Normalisation: ``--normalize imagenet`` (ImageNet mean/std) or ``per_image`` (``PerImageStandardize``).
+
+    Returns:
+        callable PIL image -> float32 tensor [in_chans, input_size, input_size].
+    """
+    per_image = args.normalize == 'per_image'
+    c = args.in_chans
+    mean = (0.0,) * c if per_image else (IMAGENET_DEFAULT_MEAN if c == 3 else (float(np.mean(IMAGENET_DEFAULT_MEAN)),))
+    std = (1.0,) * c if per_image else (IMAGENET_DEFAULT_STD if c == 3 else (float(np.mean(IMAGENET_DEFAULT_STD)),))
+    if is_train:
+        tf = create_transform(args.input_size, is_training=True, scale=tuple(args.scale), hflip=args.hflip,
+                              vflip=args.vflip, color_jitter=args.color_jitter or None,
+                              auto_augment=args.aa if args.aa and args.aa.lower() != 'none' else None,
+                              interpolation='bicubic', re_prob=args.reprob, re_mode='pixel', re_count=1,
+                              mean=mean, std=std)
+    else:
+        tf = create_transform(args.input_size, is_training=False, interpolation='bicubic', crop_pct=args.crop_pct,
+                              mean=mean, std=std)
+    return transforms.Compose([tf, PerImageStandardize()]) if per_image else tf
+
+
+class DefectDataset(Dataset):
+    """Images of a sample list, optionally cropped to their boxes.
+
+    Args:
+        frame: DataFrame with ``path`` (absolute), optional ``label`` (LABELS names), optional box columns.
+        transform: callable PIL image -> float32 tensor [C, H, W].
+        in_chans: 3 (RGB) or 1 (grayscale).
+        padding, padding_size: box crop mode and size (see ``preprocess_data.crop_window``); used for rows with a box.
+        use_shift: move each crop window at random, never past its box (training only).
+        strict: raise on an unreadable image instead of skipping it.
+
+    Items: (float32 tensor [C, H, W], int64 label index or -1, int64 sample index), or None for a skipped image
+    (``collate_skip`` drops those).
+    """
+
+    def __init__(self, frame, transform, in_chans=3, padding='PIXEL', padding_size=0, use_shift=False, strict=False):
+        self.frame = frame.reset_index(drop=True)
+        self.paths = self.frame['path'].tolist()
+        labels = self.frame['label'] if 'label' in self.frame.columns else pd.Series([None] * len(self.frame))
+        self.labels = np.array([LABEL_INDEX.get(x, -1) if isinstance(x, str) else -1 for x in labels], np.int64)
+        has_box = all(c in self.frame.columns for c in BOX_COLUMNS)
+        self.boxes = self.frame[BOX_COLUMNS].to_numpy(np.float64) if has_box else None
+        self.transform, self.in_chans = transform, in_chans
+        self.padding, self.padding_size, self.use_shift, self.strict = padding, padding_size, use_shift, strict
+        self.reported = set()
+
+    def __len__(self):
+        return len(self.paths)
+
+    def load(self, index):
+        """uint8 image array of sample ``index``, cropped to its box when it has one. Raises ImageReadError."""
+        img = read_image(self.paths[index], self.in_chans)
+        if self.boxes is not None and not np.isnan(self.boxes[index]).any():
+            box = self.boxes[index]
+            window = crop_window(box, self.padding, self.padding_size)
+            if self.use_shift:
+                window = shift_window(window, box, np.random.default_rng(torch.randint(2**31, ()).item()))
+            img = crop_with_padding(img, window)
+        return img
+
+    def __getitem__(self, index):
+        try:
+            img = self.load(index)
+        except ImageReadError as e:
+            if self.strict:
+                raise
+            if index not in self.reported:
+                log.warning(f'skipped image {e}')
+                self.reported.add(index)
+            return None
+        x = self.transform(Image.fromarray(img))
+        return x, torch.tensor(self.labels[index]), torch.tensor(index)
+
+
+def collate_skip(batch):
+    """``default_collate`` after dropping skipped (None) items; returns None when the whole batch was skipped."""
+    batch = [b for b in batch if b is not None]
+    return default_collate(batch) if batch else None
+
+
+def check_files_exist(frame, source):
+    """Raise DataError listing the first few files of ``frame`` that are missing from disk."""
+    missing = [p for p in frame['path'] if not Path(p).is_file()]
+    if missing:
+        shown = ', '.join(missing[:5]) + (' ...' if len(missing) > 5 else '')
+        raise DataError(f'{source}: {len(missing)} listed file(s) missing from disk: {shown}')
+
+
+def _absolute(frame, base):
+    """Make ``path`` absolute, relative paths being taken from ``base``."""
+    base = Path(base).resolve()
+    return frame.assign(path=[str(p) if Path(p).is_absolute() else str((base / p).resolve()) for p in frame['path']])
+
+
+def _read_split_csv(path):
+    try:
+        return validate_list(pd.read_csv(path), path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f'{path}: unreadable split file ({e})') from None
+
+
+def is_split_folder(path):
+    """True if ``path`` holds train.csv, val.csv and test.csv."""
+    return all((Path(path) / f'{s}.csv').is_file() for s in SPLITS)
+
+
+def load_splits(data_paths, test_val_ratio=(0.2, 0.1), seed=0, label_list=None):
+    """Train/val/test sample lists of one or more data roots (their union), paths made absolute.
+
+    Each path is either a split folder (train.csv, val.csv, test.csv) or a root prepared by preprocess_data.py or
+    holding class folders, whose split is made or reused (``preprocess_data.prepare_split``).
+
+    Returns:
+        dict 'train'/'val'/'test' -> DataFrame (columns of the lists, ``path`` absolute).
+
+    Raises:
+        DataError: a missing path, bad list, or split files listing images missing from disk.
+    """
+    parts = {s: [] for s in SPLITS}
+    for data_path in data_paths:
+        data_path = Path(data_path)
+        if not data_path.exists():
+            raise DataError(f'{data_path}: data path does not exist')
+        folder = data_path if is_split_folder(data_path) else prepare_split(data_path, *test_val_ratio, seed,
+                                                                            label_list)
+        # split CSV paths are relative to the prepared root (two levels above a split folder inside splits/)
+        base = folder.parent.parent if folder.parent.name == 'splits' else folder
+        for s in SPLITS:
+            frame = _absolute(_read_split_csv(folder / f'{s}.csv'), base)
+            check_files_exist(frame, folder / f'{s}.csv')
+            parts[s].append(frame)
+    return {s: pd.concat(frames, ignore_index=True) for s, frames in parts.items()}
+
+
+def load_eval_frame(data_path, split='test', test_val_ratio=(0.2, 0.1), seed=0, label_list=None):
+    """Sample list to evaluate or predict on.
+
+    A split folder or prepared root gives its ``split`` ('train', 'val', 'test'; 'all' = every listed sample); a
+    folder of class folders gives all its images with their labels; any other folder gives all images below it,
+    unlabelled.
+
+    Returns:
+        DataFrame with absolute ``path`` (and ``label`` etc. when known).
+
+    Raises:
+        DataError: a missing path, no image, or listed files missing from disk.
+    """
+    data_path = Path(data_path)
+    if not data_path.exists():
+        raise DataError(f'{data_path}: data path does not exist')
+    if is_split_folder(data_path) or (data_path / 'list.csv').is_file():
+        if split == 'all':
+            frame = _absolute(load_list(data_path, label_list), data_path)
+        else:
+            frame = load_splits([data_path], test_val_ratio, seed, label_list)[split]
+    elif any(p.is_dir() and (p.name in LABELS or p.name in (label_list or {})) for p in data_path.iterdir()):
+        frame = _absolute(validate_list(scan_class_folders(data_path, label_list), data_path), data_path)
+    else:
+        frame = _absolute(scan_plain_folder(data_path), data_path)
+    check_files_exist(frame, data_path)
+    if not len(frame):
+        raise DataError(f'{data_path}: the {split} split is empty')
+    return frame
+
+
+def label_counts(frame):
+    """dict label -> count, in LABELS order, labels absent from ``frame`` omitted."""
+    counts = frame['label'].value_counts()
+    return {k: int(counts[k]) for k in LABELS if k in counts}
+
+
+def upsample(frame, factors, seed=0):
+    """Repeat the rows of each class by a factor (``--upsample amb_neg amb_pos neg pos``).
+
+    A factor f >= 0 keeps floor(f) copies of every row plus a random (seeded) fraction f - floor(f) of the rows;
+    f = 1 leaves a class as it is, 0 drops it. Counts before and after are logged.
+
+    Args:
+        frame: DataFrame with ``label``.
+        factors: 4 floats in LABELS order, or None for no change.
+        seed: int.
+
+    Returns:
+        DataFrame (new index).
+
+    Raises:
+        DataError: not 4 factors, or a negative one.
+    """
+    if not factors:
+        return frame
+    if len(factors) != 4 or any(f < 0 for f in factors):
+        raise DataError(f'--upsample takes 4 factors >= 0 ({" ".join(LABELS)}), got {factors}')
+    rng = np.random.default_rng(seed)
+    parts = []
+    for label, f in zip(LABELS, factors):
+        rows = frame[frame['label'] == label]
+        whole, frac = int(f), f - int(f)
+        parts += [rows] * whole
+        if frac > 0 and len(rows):
+            parts.append(rows.iloc[np.sort(rng.choice(len(rows), int(round(frac * len(rows))), replace=False))])
+    out = pd.concat(parts + [frame[~frame['label'].isin(LABELS)]], ignore_index=True)
+    log.info(f'upsample {factors}: train counts {label_counts(frame)} -> {label_counts(out)}')
+    return out
+
+
+def balanced_label_weights(frame):
+    """Per-label loss weights n / (k * n_label) (scikit-learn ``compute_class_weight('balanced')``).
+
+    Returns:
+        float32 tensor [4] in LABELS order; labels absent from ``frame`` get weight 1.
+    """
+    present = np.array([k for k in LABELS if (frame['label'] == k).any()])
+    weights = compute_class_weight('balanced', classes=present, y=frame['label'].to_numpy())
+    out = torch.ones(len(LABELS))
+    for k, w in zip(present, weights):
+        out[LABEL_INDEX[k]] = float(w)
+    return out
+
+
+__all__ = ['DefectDataset', 'ImageReadError', 'PerImageStandardize', 'balanced_label_weights', 'build_transform',
+           'check_files_exist', 'collate_skip', 'is_image', 'is_split_folder', 'label_counts', 'load_eval_frame',
+           'load_splits', 'read_image', 'upsample']

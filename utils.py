@@ -1,0 +1,89 @@
+"""Small helpers shared by the entry points: errors, flag parsing, atomic writes, seeding."""
+import argparse
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(Exception):
+    """Bad user input (data, flags, checkpoints); the entry points print its one-line message and exit 1."""
+
+
+def str2bool(value):
+    """Parse a True/False command-line value (also yes/no, 1/0, any case).
+
+    Raises:
+        argparse.ArgumentTypeError: any other value.
+    """
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ('true', 'yes', '1', 'y', 't'):
+        return True
+    if v in ('false', 'no', '0', 'n', 'f'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected True or False, got "{value}"')
+
+
+def _atomic(path, write, mode='w'):
+    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_csv(df, path):
+    """Write a pandas DataFrame to CSV atomically (temporary file, then rename); no index column."""
+    _atomic(path, lambda f: df.to_csv(f, index=False))
+
+
+def atomic_write_json(obj, path):
+    """Write a JSON-serialisable object atomically, indented."""
+    _atomic(path, lambda f: json.dump(obj, f, indent=2, default=str))
+
+
+def atomic_torch_save(obj, path):
+    """``torch.save`` atomically: a crash mid-write never leaves a truncated checkpoint at ``path``."""
+    _atomic(path, lambda f: torch.save(obj, f), mode='wb')
+
+
+def seed_everything(seed):
+    """Seed Python's ``random``, NumPy's global RNG and torch (CPU and CUDA) with an int seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """Snapshot of the Python, NumPy and torch (CPU and CUDA) RNG states, for checkpoints."""
+    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore a snapshot taken by ``rng_state``; missing entries are left alone."""
+    if 'python' in state:
+        random.setstate(state['python'])
+    if 'numpy' in state:
+        np.random.set_state(state['numpy'])
+    if 'torch' in state:
+        torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
