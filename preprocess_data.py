@@ -187,6 +187,14 @@ def load_list(root, label_list=None):
     return validate_list(scan_class_folders(root, label_list), root)
 
 
+def drop_boxes(df):
+    """One sample per image: the list without box columns, duplicate paths removed, each image its own group."""
+    if not any(c in df.columns for c in BOX_COLUMNS):
+        return df
+    out = df.drop(columns=[c for c in BOX_COLUMNS if c in df.columns]).drop_duplicates('path')
+    return out.assign(group=out['path']).reset_index(drop=True)
+
+
 def split_name(test_ratio, val_ratio, seed):
     """Folder name of a split, encoding its ratios and seed, e.g. ``test0.25_val0.1_seed0``."""
     return f'test{test_ratio:g}_val{val_ratio:g}_seed{seed}'
@@ -451,8 +459,8 @@ def main(args):
         df = load_list(args.data_path, parse_label_list(args.label_list))
         data_root = Path(args.data_path).resolve()
         has_box = all(c in df.columns for c in BOX_COLUMNS) and df[BOX_COLUMNS].notna().all(axis=1).any()
-        if has_box and not args.use_bbox:  # one sample per image
-            df = df.drop(columns=BOX_COLUMNS).drop_duplicates('path').assign(group=lambda d: d['path'])
+        if has_box and not args.use_bbox:
+            df = drop_boxes(df)
         if has_box and args.use_bbox and args.imsave:
             df = save_crops(data_root, output, df, args.padding, args.padding_size)
         else:

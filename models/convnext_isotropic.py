@@ -28,7 +28,7 @@ class ConvNeXtIsotropic(nn.Module):
         super().__init__()
         self.num_classes, self.num_features, self.head_hidden_size = num_classes, dim, dim
         self.stem = nn.Conv2d(in_chans, dim, kernel_size=16, stride=16)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.Sequential(*[
             ConvNeXtBlock(dim, ls_init_value=ls_init_value or None, conv_mlp=False, drop_path=r) for r in rates])
         self.norm = nn.LayerNorm(dim, eps=1e-6)

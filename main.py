@@ -1,0 +1,495 @@
+"""Train, evaluate and predict with ConvNeXt on defect images with soft labels.
+
+    python main.py --data_path data/elpv --model convnext_atto --nb_classes 2 --use_softlabel True \
+        --output_dir output/elpv
+    python main.py --eval True --resume output/elpv/checkpoint-best.pth --eval_data_path data/elpv
+    python main.py --pred True --resume output/elpv/checkpoint-best.pth --eval_data_path data/elpv \
+        --pred_save_path output/elpv/pred --pred_save True --pred_eval True
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from timm.data import Mixup
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader
+
+from datasets import (DefectDataset, balanced_label_weights, build_transform, collate_skip, label_counts,
+                      load_eval_frame, load_splits, upsample)
+from engine import evaluate, format_metrics, predict_probs, train_one_epoch, write_prediction_report
+from metrics import is_better
+from models import build_model, load_pretrained, read_checkpoint
+from preprocess_data import PADDING_MODES, drop_boxes
+from softLabelLoss import LABELS, LOSS_FUNCTIONS, SoftLabelLoss, check_ratio, head_classes
+from utils import (DataError, atomic_torch_save, atomic_write_json, rng_state, seed_everything, set_rng_state,
+                   str2bool)
+
+log = logging.getLogger('main')
+# flags that describe the model and its input: for --eval/--pred they come from the checkpoint unless given
+CHECKPOINT_FLAGS = ('model', 'nb_classes', 'in_chans', 'input_size', 'normalize', 'crop_pct', 'use_bbox', 'padding',
+                    'padding_size', 'soft_label_ratio', 'test_val_ratio', 'seed', 'label_list', 'use_softlabel')
+
+
+def get_args_parser():
+    """All command-line flags of main.py (boolean flags take True/False)."""
+    p = argparse.ArgumentParser('ConvNeXt soft-label defect classifier', allow_abbrev=False)
+    g = p.add_argument_group('model')
+    g.add_argument('--model', default='convnext_atto', help='any timm ConvNeXt V1/V2 name, or convnext_isotropic_*')
+    g.add_argument('--nb_classes', type=int, default=2, choices=[2, 4], help='head: 2 (neg, pos) or 4 classes')
+    g.add_argument('--in_chans', type=int, default=3, choices=[1, 3])
+    g.add_argument('--input_size', type=int, default=224, help='pixels (square)')
+    g.add_argument('--drop_path', type=float, default=0.1, help='stochastic depth rate')
+    g.add_argument('--layer_scale_init_value', type=float, default=None, help='layer scale init (V1; timm default)')
+    g.add_argument('--head_init_scale', type=float, default=1.0)
+    g.add_argument('--finetune', default='', help='local checkpoint (or URL) to start from')
+    g.add_argument('--model_key', default='model|model_ema|module|state_dict')
+    g.add_argument('--model_ema', type=str2bool, default=False)
+    g.add_argument('--model_ema_decay', type=float, default=0.9999)
+    g.add_argument('--model_ema_eval', type=str2bool, default=False, help='also evaluate the EMA model each epoch')
+
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--batch_size', type=int, default=32, help='per process')
+    g.add_argument('--epochs', type=int, default=30)
+    g.add_argument('--update_freq', type=int, default=1, help='gradient accumulation steps')
+    g.add_argument('--opt', default='adamw', help='timm optimizer name')
+    g.add_argument('--opt_eps', type=float, default=1e-8)
+    g.add_argument('--opt_betas', type=float, nargs='+', default=None)
+    g.add_argument('--momentum', type=float, default=0.9)
+    g.add_argument('--weight_decay', type=float, default=0.05)
+    g.add_argument('--clip_grad', type=float, default=None, help='max gradient norm')
+    g.add_argument('--lr', type=float, default=1e-3)
+    g.add_argument('--layer_decay', type=float, default=None, help='layer-wise LR decay, e.g. 0.8')
+    g.add_argument('--sched', default='cosine', help='timm scheduler name')
+    g.add_argument('--warmup_epochs', type=int, default=1)
+    g.add_argument('--warmup_lr', type=float, default=1e-6)
+    g.add_argument('--min_lr', type=float, default=1e-6)
+
+    g = p.add_argument_group('augmentation')
+    g.add_argument('--normalize', default='per_image', choices=['per_image', 'imagenet'],
+                   help='per_image: zero mean, unit variance per image; imagenet: ImageNet mean/std')
+    g.add_argument('--scale', type=float, nargs=2, default=[0.5, 1.0], help='RandomResizedCrop area range')
+    g.add_argument('--hflip', type=float, default=0.5)
+    g.add_argument('--vflip', type=float, default=0.5, help='defect images have no up or down')
+    g.add_argument('--color_jitter', type=float, default=0.0)
+    g.add_argument('--aa', default='none', help='RandAugment policy, e.g. rand-m9-mstd0.5-inc1; none to disable')
+    g.add_argument('--reprob', type=float, default=0.0, help='random erasing probability')
+    g.add_argument('--crop_pct', type=float, default=1.0, help='evaluation centre-crop fraction')
+    g.add_argument('--mixup', type=float, default=0.0, help='mixup alpha')
+    g.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha')
+    g.add_argument('--cutmix_minmax', type=float, nargs='+', default=None)
+    g.add_argument('--mixup_prob', type=float, default=1.0)
+    g.add_argument('--mixup_switch_prob', type=float, default=0.5)
+    g.add_argument('--mixup_mode', default='batch', choices=['batch', 'pair', 'elem'])
+    g.add_argument('--smoothing', type=float, default=0.0, help='label smoothing on top of the soft targets')
+
+    g = p.add_argument_group('soft labels')
+    g.add_argument('--use_softlabel', type=str2bool, default=False)
+    g.add_argument('--soft_label_ratio', type=float, default=0.7, help='r: weight an ambiguous label keeps')
+    g.add_argument('--label_ratio', type=float, default=1.0, help='q: weight a certain label keeps')
+    g.add_argument('--soft_type', type=int, default=1, choices=[1, 2])
+    g.add_argument('--lossfn', default='CE', choices=LOSS_FUNCTIONS)
+    g.add_argument('--class_weight', default='balanced', choices=['none', 'balanced'],
+                   help='per-label loss weights from the training counts')
+
+    g = p.add_argument_group('data')
+    g.add_argument('--data_path', nargs='+', default=None, help='prepared roots or split folders (union)')
+    g.add_argument('--eval_data_path', default=None, help='data for --eval/--pred (default: first --data_path)')
+    g.add_argument('--eval_split', default='test', choices=['train', 'val', 'test', 'all'])
+    g.add_argument('--test_val_ratio', type=float, nargs=2, default=[0.2, 0.1], metavar=('TEST', 'VAL'))
+    g.add_argument('--label_list', nargs='*', default=None, help='map folder names to labels: crack=pos ok=neg')
+    g.add_argument('--upsample', type=float, nargs=4, default=None, metavar=('AMB_NEG', 'AMB_POS', 'NEG', 'POS'))
+    g.add_argument('--use_bbox', type=str2bool, default=False)
+    g.add_argument('--padding', default='PIXEL', choices=PADDING_MODES)
+    g.add_argument('--padding_size', type=int, default=0)
+    g.add_argument('--use_shift', type=str2bool, default=False, help='random crop shift at train time')
+    g.add_argument('--strict_images', type=str2bool, default=False, help='stop on a corrupt image')
+    g.add_argument('--num_workers', type=int, default=min(4, os.cpu_count() or 1))
+    g.add_argument('--pin_mem', type=str2bool, default=True, help='pinned memory (CUDA only)')
+
+    g = p.add_argument_group('run')
+    g.add_argument('--output_dir', default='output')
+    g.add_argument('--log_dir', default=None, help='TensorBoard root (default: --output_dir)')
+    g.add_argument('--log_name', default='tensorboard')
+    g.add_argument('--best_metric', default='auroc', help='validation metric choosing checkpoint-best.pth')
+    g.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--resume', nargs='+', default=None, help='checkpoint(s): continue training, or --eval/--pred')
+    g.add_argument('--auto_resume', type=str2bool, default=False, help='continue from OUTPUT/checkpoint-last.pth')
+    g.add_argument('--use_amp', type=str2bool, default=False, help='bf16 autocast on CPU, fp16/bf16 on CUDA')
+    g.add_argument('--amp_dtype', default='bfloat16', choices=['bfloat16', 'float16'])
+    g.add_argument('--early_stop', type=str2bool, default=False)
+    g.add_argument('--early_stop_epoch', type=int, default=10, help='epochs without improvement before stopping')
+    g.add_argument('--eval', type=str2bool, default=False, help='evaluate --resume on --eval_data_path')
+    g.add_argument('--test', type=str2bool, default=True, help='evaluate the best checkpoint on test after training')
+
+    g = p.add_argument_group('prediction')
+    g.add_argument('--pred', type=str2bool, default=False, help='prediction mode')
+    g.add_argument('--pred_save_path', default=None, help='prediction output folder')
+    g.add_argument('--pred_save', type=str2bool, default=False, help='copy images sorted by true/predicted label')
+    g.add_argument('--pred_save_with_conf', type=str2bool, default=False, help='prefix copies with P(defect)')
+    g.add_argument('--pred_eval', type=str2bool, default=False, help='draw evaluation graphs')
+    g.add_argument('--pred_eval_name', default='', help='prefix of the graph file names')
+    g.add_argument('--conf', type=float, default=0.5, help='decision threshold on P(defect)')
+    g.add_argument('--several_models', type=str2bool, default=False, help='average the --resume checkpoints')
+    return p
+
+
+def explicit_flags(argv):
+    """Names of the flags given on the command line (``--name`` or ``--name=value``)."""
+    return {a[2:].split('=', 1)[0] for a in argv if a.startswith('--')}
+
+
+def check_args(args):
+    """Validate flag values; raises DataError with a one-line message naming the flag."""
+    try:
+        check_ratio('soft_label_ratio', args.soft_label_ratio)
+        check_ratio('label_ratio', args.label_ratio)
+        check_ratio('conf', args.conf)
+        head_classes(args.nb_classes)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    if not 0 <= args.smoothing < 1:
+        raise DataError(f'--smoothing must lie in [0, 1), got {args.smoothing}')
+    if args.batch_size < 1 or args.epochs < 0 or args.update_freq < 1:
+        raise DataError('--batch_size and --update_freq must be >= 1 and --epochs >= 0')
+    if args.input_size % 32:
+        raise DataError(f'--input_size must be a multiple of 32, got {args.input_size}')
+
+
+def resolve_device(name):
+    """torch.device for --device (auto: CUDA when available, else CPU). Raises DataError for unavailable CUDA."""
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = torch.device(name)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise DataError(f'--device {name}: CUDA is not available on this machine')
+    return device
+
+
+def make_loader(dataset, args, device, train):
+    """DataLoader over a DefectDataset (skipped images dropped by ``collate_skip``); a larger batch to evaluate."""
+    generator = torch.Generator()
+    generator.manual_seed(args.seed)
+    return DataLoader(dataset, batch_size=args.batch_size if train else args.batch_size * 2, shuffle=train,
+                      drop_last=train and len(dataset) > args.batch_size, num_workers=args.num_workers,
+                      pin_memory=args.pin_mem and device.type == 'cuda', collate_fn=collate_skip,
+                      persistent_workers=args.num_workers > 0, generator=generator)
+
+
+def make_dataset(frame, args, train):
+    """DefectDataset with the transforms of ``args`` (one sample per image unless --use_bbox True)."""
+    return DefectDataset(frame if args.use_bbox else drop_boxes(frame), build_transform(train, args), in_chans=args.in_chans, padding=args.padding,
+                         padding_size=args.padding_size, use_shift=train and args.use_shift,
+                         strict=args.strict_images)
+
+
+def check_output_dir(args):
+    """Refuse an output folder that already holds a run unless resuming (nothing is ever overwritten silently)."""
+    out = Path(args.output_dir)
+    held = [n for n in ('checkpoint-last.pth', 'finished.json', 'log.txt') if (out / n).exists()]
+    if held and not (args.resume or args.auto_resume):
+        raise DataError(f'{out}: already holds a run ({", ".join(held)}); pass --auto_resume True to continue it, '
+                        f'or choose another --output_dir')
+
+
+def save_checkpoint(path, model, optimizer, lr_scheduler, scaler, model_ema, epoch, state, args):
+    """Write a full training checkpoint atomically."""
+    atomic_torch_save({
+        'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+        'lr_scheduler': lr_scheduler.state_dict() if lr_scheduler is not None else None,
+        'scaler': scaler.state_dict() if scaler is not None else None,
+        'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
+        'epoch': epoch, 'args': {k: v for k, v in vars(args).items()}, 'rng': _rng_for_checkpoint(), **state,
+    }, path)
+
+
+def _rng_for_checkpoint():
+    """RNG states in types that ``torch.load(weights_only=True)`` accepts."""
+    state = rng_state()
+    name, keys, pos, has_gauss, cached = state['numpy']
+    state['numpy'] = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
+    return state
+
+
+def _restore_rng(state):
+    if 'numpy' in state:
+        name, keys, pos, has_gauss, cached = state['numpy']
+        state = {**state, 'numpy': (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)}
+    set_rng_state(state)
+
+
+def load_model_state(model, state_dict, path):
+    """Load a checkpoint's weights strictly; raises DataError naming the file if they belong to another model."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        first = [line.strip() for line in str(e).splitlines() if line.strip()][1:2]
+        raise DataError(f'{path}: checkpoint does not fit --model {model.__class__.__name__} '
+                        f'({first[0][:160] if first else "keys differ"})') from None
+
+
+def train(args, argv):
+    """Train with validation each epoch; write checkpoints, log.txt, TensorBoard events; test the best checkpoint."""
+    from torch.utils.tensorboard import SummaryWriter
+    check_output_dir(args)
+    if not args.data_path:
+        raise DataError('--data_path is required to train')
+    out = Path(args.output_dir)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    resume = args.resume[0] if args.resume else None
+    if args.auto_resume and not resume and (out / 'checkpoint-last.pth').is_file():
+        resume = str(out / 'checkpoint-last.pth')
+    if (out / 'finished.json').is_file() and args.auto_resume:
+        print(f'{out}: run already finished; nothing to do')
+        return json.loads((out / 'finished.json').read_text())
+
+    splits = load_splits(args.data_path, args.test_val_ratio, args.seed, args.label_list)
+    train_frame = splits['train']
+    if not len(train_frame) or not train_frame['label'].isin(LABELS).all():
+        raise DataError(f'{args.data_path[0]}: the training split is empty or has unlabelled samples')
+    log.info(f'train {label_counts(train_frame)}, val {label_counts(splits["val"]) if len(splits["val"]) else {}}, '
+             f'test {label_counts(splits["test"]) if len(splits["test"]) else {}}')
+    train_frame = upsample(train_frame, args.upsample, args.seed)
+    train_set, val_set = make_dataset(train_frame, args, True), make_dataset(splits['val'], args, False)
+    train_loader = make_loader(train_set, args, device, True)
+    val_loader = make_loader(val_set, args, device, False) if len(val_set) else None
+
+    model = build_model(args)
+    if args.finetune:
+        load_pretrained(model, args.finetune, args.model_key)
+    model.to(device)
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    n_params = sum(p.numel() for p in model.parameters())
+    updates_per_epoch = max(1, len(train_loader) // args.update_freq)
+    eff_batch = args.batch_size * args.update_freq
+    log.info(f'model {args.model}: {n_params / 1e6:.2f}M parameters; effective batch {eff_batch}, lr {args.lr:g}, '
+             f'{updates_per_epoch} updates per epoch, device {device}')
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum, layer_decay=args.layer_decay,
+                                    **({'eps': args.opt_eps} if args.opt_eps is not None else {}),
+                                    **({'betas': tuple(args.opt_betas)} if args.opt_betas else {}))
+    lr_scheduler, _ = create_scheduler_v2(optimizer, sched=args.sched, num_epochs=args.epochs,
+                                          warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
+                                          min_lr=args.min_lr, step_on_epochs=False,
+                                          updates_per_epoch=updates_per_epoch)
+    scaler = torch.amp.GradScaler('cuda') if args.use_amp and device.type == 'cuda' and \
+        args.amp_dtype == 'float16' else None
+    label_weight = balanced_label_weights(train_frame) if args.class_weight == 'balanced' else None
+    criterion = SoftLabelLoss(args.nb_classes, args.use_softlabel, args.soft_label_ratio, args.label_ratio,
+                              args.soft_type, args.lossfn, args.smoothing, label_weight).to(device)
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=0.0, num_classes=args.nb_classes, multi_label=True)
+
+    state = {'best_metric': None, 'best_epoch': -1, 'stale_epochs': 0, 'skipped_images': 0}
+    start_epoch = 0
+    if resume:
+        ckpt = read_checkpoint(resume)
+        if not isinstance(ckpt, dict) or 'model' not in ckpt or 'optimizer' not in ckpt:
+            raise DataError(f'{resume}: not a training checkpoint of main.py (use --finetune for plain weights)')
+        load_model_state(model, ckpt['model'], resume)
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if ckpt.get('lr_scheduler'):
+            lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
+        if scaler is not None and ckpt.get('scaler'):
+            scaler.load_state_dict(ckpt['scaler'])
+        if model_ema is not None and ckpt.get('model_ema'):
+            model_ema.module.load_state_dict(ckpt['model_ema'])
+        state.update({k: ckpt[k] for k in state if k in ckpt})
+        start_epoch = ckpt['epoch'] + 1
+        if ckpt.get('rng'):
+            _restore_rng(ckpt['rng'])
+        log.info(f'resumed from {resume} at epoch {start_epoch}')
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(vars(args), out / 'args.json')
+    writer = SummaryWriter(log_dir=str(Path(args.log_dir or args.output_dir) / args.log_name),
+                           purge_step=start_epoch * len(train_loader) if start_epoch else None)
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.time()
+        seed_everything(args.seed + epoch)  # the same epoch sees the same order and augmentation, resumed or not
+        train_loader.generator.manual_seed(args.seed + epoch)
+        stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, lr_scheduler, scaler,
+                                model_ema, mixup_fn, args.update_freq, args.clip_grad, args.use_amp, args.amp_dtype,
+                                writer)
+        lr_scheduler.step(epoch + 1)
+        record = {'epoch': epoch, 'train_loss': stats['loss'], 'lr': stats['lr'], 'train_images': stats['images']}
+        state['skipped_images'] = max(state['skipped_images'], stats['skipped'])
+        metrics = {}
+        if val_loader is not None:
+            metrics, _, _ = evaluate(model, val_loader, device, val_set.frame, args.conf, args.soft_label_ratio,
+                                     args.use_amp, args.amp_dtype, desc=f'val {epoch}')
+            record.update({f'val_{k}': v for k, v in metrics.items()})
+            if model_ema is not None and args.model_ema_eval:
+                ema_metrics, _, _ = evaluate(model_ema.module, val_loader, device, val_set.frame, args.conf,
+                                             args.soft_label_ratio, args.use_amp, args.amp_dtype, desc='val ema')
+                record.update({f'val_ema_{k}': v for k, v in ema_metrics.items()})
+        for k, v in record.items():
+            if k.startswith('val_') and isinstance(v, float) and np.isfinite(v):
+                writer.add_scalar(f'val/{k[4:]}', v, epoch)
+        writer.add_scalar('train/epoch_loss', stats['loss'], epoch)
+        writer.flush()
+        # without a validation split the last epoch counts as the best
+        value = metrics.get(args.best_metric, float('nan'))
+        improved = is_better(args.best_metric, value, state['best_metric']) if metrics else True
+        if improved:
+            state.update(best_metric=value if metrics else None, best_epoch=epoch, stale_epochs=0)
+        else:
+            state['stale_epochs'] += 1
+        record['time_s'] = round(time.time() - t0, 1)
+        if improved:
+            save_checkpoint(out / 'checkpoint-best.pth', model, optimizer, lr_scheduler, scaler, model_ema, epoch,
+                            state, args)
+        save_checkpoint(out / 'checkpoint-last.pth', model, optimizer, lr_scheduler, scaler, model_ema, epoch,
+                        state, args)
+        with open(out / 'log.txt', 'a') as f:
+            f.write(json.dumps(record) + '\n')
+        best = state['best_metric']
+        print(f'epoch {epoch + 1}/{args.epochs} loss {stats["loss"]:.4f} | val {format_metrics(metrics)} | '
+              f'best {args.best_metric} {best if best is None else round(best, 4)} (epoch {state["best_epoch"] + 1})'
+              f' | {record["time_s"]:.0f}s', flush=True)
+        if args.early_stop and state['stale_epochs'] >= args.early_stop_epoch:
+            print(f'early stop: no better val {args.best_metric} for {args.early_stop_epoch} epochs')
+            break
+    writer.close()
+
+    summary = {'epochs_run': epoch + 1, 'best_epoch': state['best_epoch'] + 1, 'best_metric': args.best_metric,
+               'best_value': state['best_metric'], 'skipped_images': state['skipped_images']}
+    if args.test and len(splits['test']) and (out / 'checkpoint-best.pth').is_file():
+        best_ckpt = read_checkpoint(out / 'checkpoint-best.pth')
+        model.load_state_dict(best_ckpt['model'])
+        test_set = make_dataset(splits['test'], args, False)
+        test_metrics, _, _ = evaluate(model, make_loader(test_set, args, device, False), device, test_set.frame,
+                                      args.conf, args.soft_label_ratio, args.use_amp, args.amp_dtype, desc='test')
+        atomic_write_json(test_metrics, out / 'metrics.json')
+        summary['test'] = test_metrics
+        print(f'test (best checkpoint, epoch {state["best_epoch"] + 1}): {format_metrics(test_metrics)}')
+    if state['skipped_images']:
+        print(f'warning: {state["skipped_images"]} unreadable image(s) skipped (see the log)')
+    atomic_write_json(summary, out / 'finished.json')
+    return summary
+
+
+def load_for_inference(path, args, explicit):
+    """Build the model a checkpoint was trained as and load its weights.
+
+    Architecture and preprocessing flags come from the checkpoint's saved args unless given on the command line.
+
+    Returns:
+        (model on CPU in eval mode, argparse.Namespace of the effective flags).
+
+    Raises:
+        DataError: unreadable checkpoint or weights of another architecture.
+    """
+    ckpt = read_checkpoint(path)
+    saved = ckpt.get('args', {}) if isinstance(ckpt, dict) else {}
+    run_args = argparse.Namespace(**vars(args))
+    for k in CHECKPOINT_FLAGS:
+        if k in saved and k not in explicit:
+            setattr(run_args, k, saved[k])
+    model = build_model(run_args)
+    key = 'model_ema' if 'model_ema' in args.model_key.split('|')[0] and ckpt.get('model_ema') else 'model'
+    if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+        load_model_state(model, ckpt[key], path)
+    else:
+        load_pretrained(model, path, args.model_key)
+    return model.eval(), run_args
+
+
+def run_eval(args, explicit):
+    """--eval: metrics of one checkpoint on --eval_data_path (its --eval_split); writes metrics.json."""
+    if not args.resume:
+        raise DataError('--eval True needs --resume CHECKPOINT')
+    device = resolve_device(args.device)
+    model, run_args = load_for_inference(args.resume[0], args, explicit)
+    data = args.eval_data_path or (args.data_path[0] if args.data_path else None)
+    if not data:
+        raise DataError('--eval True needs --eval_data_path (or --data_path)')
+    frame = load_eval_frame(data, args.eval_split, run_args.test_val_ratio, run_args.seed, run_args.label_list)
+    dataset = make_dataset(frame, run_args, False)
+    metrics, _, _ = evaluate(model.to(device), make_loader(dataset, run_args, device, False), device, dataset.frame,
+                             args.conf, run_args.soft_label_ratio, args.use_amp, args.amp_dtype)
+    if not metrics.get('n'):
+        raise DataError(f'{data}: no labelled image to evaluate; use --pred True for unlabelled images')
+    out = Path(args.output_dir if 'output_dir' in explicit else Path(args.resume[0]).parent)
+    atomic_write_json(metrics, out / 'metrics.json')
+    print(f'{data} ({args.eval_split}, {metrics["n"]} images): {format_metrics(metrics)}')
+    print(f'metrics: {out / "metrics.json"}')
+    return metrics
+
+
+def run_pred(args, explicit):
+    """--pred: predictions.csv, sorted copies and graphs for one or several checkpoints."""
+    if not args.resume:
+        raise DataError('--pred True needs --resume CHECKPOINT [CHECKPOINT ...]')
+    data = args.eval_data_path or (args.data_path[0] if args.data_path else None)
+    if not data:
+        raise DataError('--pred True needs --eval_data_path')
+    device = resolve_device(args.device)
+    out_root = Path(args.pred_save_path or Path(args.output_dir) / 'pred')
+    groups = [args.resume] if args.several_models else [[c] for c in args.resume]
+    results = []
+    for group in groups:
+        probs_sum, indices, nb_classes, frame, run_args = None, None, None, None, None
+        for path in group:
+            model, run_args = load_for_inference(path, args, explicit)
+            if nb_classes is not None and run_args.nb_classes != nb_classes:
+                raise DataError(f'{path}: --several_models needs checkpoints with the same --nb_classes')
+            nb_classes = run_args.nb_classes
+            if frame is None:
+                frame = load_eval_frame(data, args.eval_split, run_args.test_val_ratio, run_args.seed,
+                                        run_args.label_list)
+            dataset = make_dataset(frame, run_args, False)
+            probs, idx = predict_probs(model.to(device), make_loader(dataset, run_args, device, False), device,
+                                       args.use_amp, args.amp_dtype, desc=f'predict {Path(path).name}')
+            if indices is not None and not np.array_equal(idx, indices):
+                raise DataError(f'{path}: models saw different images (a corrupt image?); predict them one by one')
+            probs_sum, indices = (probs if probs_sum is None else probs_sum + probs), idx
+        out = out_root if len(groups) == 1 else out_root / Path(group[0]).parent.name / Path(group[0]).stem
+        report = write_prediction_report(frame, probs_sum / len(group), indices, nb_classes, out, args.conf,
+                                         run_args.soft_label_ratio, args.pred_save, args.pred_save_with_conf,
+                                         args.pred_eval, args.pred_eval_name)
+        if report['metrics'].get('n'):
+            atomic_write_json(report['metrics'], out / 'metrics.json')
+            print(f'{data} ({len(report["table"])} images): {format_metrics(report["metrics"])}')
+        if report['metrics']['skipped']:
+            print(f'warning: {report["metrics"]["skipped"]} unreadable image(s) skipped')
+        print(f'prediction report: {out} (predictions.csv' + (', images/' if args.pred_save else '') +
+              (', graphs/' if report['graphs'] else '') + ')')
+        results.append(report)
+    return results
+
+
+def main(argv=None):
+    """Entry point; returns the result of the chosen mode. Bad input exits with a one-line error (status 1)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s', force=True)
+    explicit = explicit_flags(argv)
+    check_args(args)
+    if args.pred:
+        return run_pred(args, explicit)
+    if args.eval:
+        return run_eval(args, explicit)
+    return train(args, argv)
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f'error: {e}')
+    except KeyboardInterrupt:
+        sys.exit('interrupted: checkpoint-last.pth holds the last finished epoch; continue with --auto_resume True')

@@ -1,0 +1,109 @@
+"""Evaluation graphs of P(defect) drawn with matplotlib and scikit-learn's displays, saved as PNG files."""
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import (ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay,  # noqa: E402
+                             precision_recall_curve)
+
+from softLabelLoss import LABELS  # noqa: E402
+
+
+def _save(fig, path):
+    """Save a figure atomically (temporary file, then rename) and close it."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.stem}.tmp{path.suffix}')
+    fig.savefig(tmp, dpi=120, bbox_inches='tight')
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def draw_graphs(out_dir, p_defect, labels, reference, conf=0.5, probs=None, prefix=''):
+    """Draw the evaluation graphs of labelled predictions into ``out_dir``.
+
+    Files (names prefixed by ``prefix``): confusion_matrix.png (binary fold at ``conf``), confusion_matrix4.png (4-class
+    head), roc.png, precision_recall.png, histogram.png (P(defect) per true class, ambiguous ones included),
+    reliability.png (mean reference probability per P(defect) bin, with counts), threshold.png (precision and
+    recall of the defect class against the threshold).
+
+    Args:
+        out_dir: folder (created).
+        p_defect: float array [N]. labels: int array [N] (LABELS order, all known). reference: float array [N].
+        conf: decision threshold. probs: optional float array [N, 4] for the 4-class confusion matrix.
+
+    Returns:
+        list of Paths written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = np.asarray(labels)
+    y = np.isin(labels, (LABELS.index('amb_pos'), LABELS.index('pos'))).astype(int)
+    both = len(np.unique(y)) == 2
+    written = []
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ConfusionMatrixDisplay.from_predictions(y, (p_defect >= conf).astype(int), labels=[0, 1],
+                                            display_labels=['fine', 'defect'], ax=ax, colorbar=False)
+    ax.set_title(f'Confusion matrix (threshold {conf:g})')
+    written.append(_save(fig, out_dir / f'{prefix}confusion_matrix.png'))
+
+    if probs is not None and probs.shape[1] == 4:
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        ConfusionMatrixDisplay.from_predictions(labels, probs.argmax(1), labels=list(range(4)),
+                                                display_labels=list(LABELS), ax=ax, colorbar=False)
+        ax.set_title('4-class confusion matrix')
+        written.append(_save(fig, out_dir / f'{prefix}confusion_matrix4.png'))
+
+    if both:
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        RocCurveDisplay.from_predictions(y, p_defect, ax=ax, name='P(defect)')
+        ax.plot([0, 1], [0, 1], 'k:', lw=1)
+        ax.set_title('ROC')
+        written.append(_save(fig, out_dir / f'{prefix}roc.png'))
+
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        PrecisionRecallDisplay.from_predictions(y, p_defect, ax=ax, name='P(defect)')
+        ax.set_title('Precision-recall')
+        written.append(_save(fig, out_dir / f'{prefix}precision_recall.png'))
+
+        precision, recall, thresholds = precision_recall_curve(y, p_defect)
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.plot(thresholds, precision[:-1], label='precision')
+        ax.plot(thresholds, recall[:-1], label='recall')
+        ax.axvline(conf, color='k', ls=':', lw=1, label=f'threshold {conf:g}')
+        ax.set(xlabel='threshold on P(defect)', ylabel='value', xlim=(0, 1), ylim=(0, 1.02),
+               title='Precision and recall of the defect class')
+        ax.legend()
+        written.append(_save(fig, out_dir / f'{prefix}threshold.png'))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.linspace(0, 1, 21)
+    for k, name in enumerate(LABELS):
+        if (labels == k).any():
+            ax.hist(p_defect[labels == k], bins=bins, alpha=0.5, label=f'{name} ({(labels == k).sum()})')
+    ax.axvline(conf, color='k', ls=':', lw=1)
+    ax.set(xlabel='P(defect)', ylabel='images', title='P(defect) per true class')
+    ax.legend()
+    written.append(_save(fig, out_dir / f'{prefix}histogram.png'))
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    edges = np.linspace(0, 1, 11)
+    idx = np.minimum((p_defect * 10).astype(int), 9)
+    centres = [(edges[b] + edges[b + 1]) / 2 for b in range(10)]
+    mean_ref = [reference[idx == b].mean() if (idx == b).any() else np.nan for b in range(10)]
+    counts = [(idx == b).sum() for b in range(10)]
+    ax.bar(centres, mean_ref, width=0.09, alpha=0.7, label='mean reference probability')
+    ax.plot([0, 1], [0, 1], 'k:', lw=1, label='perfect calibration')
+    for c, m, n in zip(centres, mean_ref, counts):
+        if n:
+            ax.text(c, (m if not np.isnan(m) else 0) + 0.02, str(n), ha='center', fontsize=7)
+    ax.set(xlabel='P(defect)', ylabel='reference defect probability', xlim=(0, 1), ylim=(0, 1.1),
+           title='Reliability diagram (numbers: images)')
+    ax.legend(loc='upper left', fontsize=8)
+    written.append(_save(fig, out_dir / f'{prefix}reliability.png'))
+    return written

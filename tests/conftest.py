@@ -1,0 +1,45 @@
+"""Shared fixtures: a small real ELPV subset in the prepared-root layout, and synthetic images."""
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+REFERENCE = ROOT.parent / 'shared' / 'reference'
+
+
+def elpv_source():
+    """Folder of the installed elpv-dataset package's data and its label table (path, defect_prob, type)."""
+    import elpv_dataset
+    src = Path(elpv_dataset.__file__).parent / 'data'
+    labels = pd.read_csv(src / 'labels.csv', sep=r'\s+', header=None, names=['path', 'defect_prob', 'type'])
+    return src, labels
+
+
+@pytest.fixture(scope='session')
+def elpv_small(tmp_path_factory):
+    """A prepared root of 40 real ELPV cells: 10 per label, both module types, with list.csv."""
+    src, labels = elpv_source()
+    names = {0: 'neg', 1: 'amb_neg', 2: 'amb_pos', 3: 'pos'}
+    labels['label'] = [names[int(round(p * 3))] for p in labels['defect_prob']]
+    root = tmp_path_factory.mktemp('elpv_small')
+    rows = []
+    for label, group in labels.groupby('label'):
+        picked = pd.concat([group[group['type'] == t].head(5) for t in ('mono', 'poly')])
+        for r in picked.itertuples():
+            rel = f'{label}/{Path(r.path).name}'
+            (root / label).mkdir(exist_ok=True)
+            shutil.copy(src / r.path, root / rel)
+            rows.append(dict(path=rel, label=label, type=r.type, defect_prob=r.defect_prob))
+    pd.DataFrame(rows).to_csv(root / 'list.csv', index=False)
+    return root
+
+
+def train_argv(data, out, *extra):
+    """main.py flags for a tiny, fast training on ``data``."""
+    return ['--data_path', str(data), '--output_dir', str(out), '--model', 'convnext_atto', '--input_size', '64',
+            '--batch_size', '8', '--epochs', '2', '--num_workers', '0', '--test_val_ratio', '0.25', '0.25',
+            '--drop_path', '0', '--warmup_epochs', '0', *extra]

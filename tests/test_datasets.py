@@ -1,0 +1,122 @@
+import logging
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from datasets import (DefectDataset, ImageReadError, PerImageStandardize, balanced_label_weights, build_transform,
+                      collate_skip, load_splits, read_image, upsample)
+from main import get_args_parser
+from utils import DataError
+
+
+def test_read_grayscale_rgba_16bit(tmp_path):
+    gray = np.tile(np.arange(0, 250, 10, dtype=np.uint8), (4, 1))
+    cv2.imwrite(str(tmp_path / 'g.png'), gray)
+    rgb = read_image(tmp_path / 'g.png')
+    assert rgb.shape == (4, 25, 3) and rgb.dtype == np.uint8 and (rgb[..., 0] == gray).all()
+    assert read_image(tmp_path / 'g.png', channels=1).shape == (4, 25)
+
+    bgra = np.zeros((5, 6, 4), np.uint8)
+    bgra[..., 0], bgra[..., 2], bgra[..., 3] = 200, 10, 0  # blue 200, red 10, fully transparent
+    cv2.imwrite(str(tmp_path / 'a.png'), bgra)
+    rgb = read_image(tmp_path / 'a.png')
+    assert rgb.shape == (5, 6, 3) and rgb[0, 0].tolist() == [10, 0, 200]
+
+    deep = np.array([[0, 257, 32896, 65535]], np.uint16)  # 16-bit, full range
+    cv2.imwrite(str(tmp_path / 'd.png'), deep)
+    cv2.imwrite(str(tmp_path / 'd.tif'), deep)
+    for name in ('d.png', 'd.tif'):
+        assert read_image(tmp_path / name, channels=1).tolist() == [[0, 1, 128, 255]]  # scaled, not clipped
+
+
+def test_corrupt_and_missing_raise_with_path(tmp_path):
+    (tmp_path / 'bad.png').write_bytes(b'\x89PNG\r\n\x1a\n not really')
+    with pytest.raises(ImageReadError, match='bad.png: cannot be decoded'):
+        read_image(tmp_path / 'bad.png')
+    with pytest.raises(ImageReadError, match='none.png: file not found'):
+        read_image(tmp_path / 'none.png')
+
+
+def args_for(*extra):
+    return get_args_parser().parse_args(['--input_size', '32', *extra])
+
+
+def test_corrupt_image_skipped_and_counted(tmp_path, caplog):
+    paths = []
+    for i in range(5):
+        p = tmp_path / f'{i}.png'
+        cv2.imwrite(str(p), np.full((40, 40), 40 * i, np.uint8))
+        paths.append(str(p))
+    (tmp_path / '2.png').write_bytes(b'garbage')
+    frame = pd.DataFrame({'path': paths, 'label': ['neg', 'pos', 'neg', 'pos', 'amb_pos']})
+    ds = DefectDataset(frame, build_transform(False, args_for()))
+    with caplog.at_level(logging.WARNING):
+        batches = [b for b in DataLoader(ds, batch_size=2, collate_fn=collate_skip)]
+    indices = torch.cat([b[2] for b in batches]).tolist()
+    assert indices == [0, 1, 3, 4]
+    assert torch.cat([b[1] for b in batches]).tolist() == [2, 3, 3, 1]
+    assert '2.png' in caplog.text
+    strict = DefectDataset(frame, build_transform(False, args_for()), strict=True)
+    with pytest.raises(ImageReadError):
+        strict[2]
+
+
+def test_item_shapes_and_per_image_norm(elpv_small):
+    frame = load_splits([elpv_small], (0.25, 0.25), 0)['train']
+    ds = DefectDataset(frame, build_transform(True, args_for('--normalize', 'per_image')))
+    x, label, index = ds[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and label.dtype == torch.int64
+    assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-3
+    ds1 = DefectDataset(frame, build_transform(False, args_for('--in_chans', '1', '--normalize', 'imagenet')),
+                        in_chans=1)
+    assert ds1[0][0].shape == (1, 32, 32)
+
+
+def test_bbox_crop_in_dataset(tmp_path):
+    img = np.zeros((50, 60), np.uint8)
+    img[10:20, 30:40] = 255
+    cv2.imwrite(str(tmp_path / 'a.png'), img)
+    frame = pd.DataFrame({'path': [str(tmp_path / 'a.png')], 'label': ['pos'], 'x1': [30], 'y1': [10], 'x2': [40],
+                          'y2': [20]})
+    ds = DefectDataset(frame, transform=lambda im: np.asarray(im), padding='PIXEL', padding_size=5)
+    crop = ds[0][0]
+    assert crop.shape == (20, 20, 3) and (crop[5:15, 5:15] == 255).all() and crop[:5].max() == 0
+
+
+def test_missing_split_files_one_error(elpv_small, tmp_path):
+    import shutil
+    root = tmp_path / 'copy'
+    shutil.copytree(elpv_small, root)
+    load_splits([root], (0.25, 0.25), 0)
+    for p in list((root / 'neg').iterdir())[:3]:
+        p.unlink()
+    with pytest.raises(DataError, match=r'listed file\(s\) missing from disk: .*neg/'):
+        load_splits([root], (0.25, 0.25), 0)
+    with pytest.raises(DataError, match='does not exist'):
+        load_splits([tmp_path / 'nothing'])
+
+
+def test_upsample_counts(caplog):
+    frame = pd.DataFrame({'path': [f'{i}' for i in range(20)],
+                          'label': ['amb_neg'] * 2 + ['amb_pos'] * 4 + ['neg'] * 10 + ['pos'] * 4})
+    with caplog.at_level(logging.INFO):
+        out = upsample(frame, [3, 2.5, 1, 0])
+    assert out['label'].value_counts().to_dict() == {'amb_neg': 6, 'amb_pos': 10, 'neg': 10}
+    assert "'amb_pos': 4" in caplog.text and "'amb_pos': 10" in caplog.text
+    with pytest.raises(DataError, match='upsample'):
+        upsample(frame, [1, -1, 1, 1])
+
+
+def test_balanced_label_weights():
+    frame = pd.DataFrame({'label': ['neg'] * 6 + ['pos'] * 2})
+    w = balanced_label_weights(frame)
+    assert w.tolist() == pytest.approx([1.0, 1.0, 8 / (2 * 6), 8 / (2 * 2)])
+
+
+def test_per_image_standardize_constant_image():
+    x = torch.full((3, 4, 4), 0.5)
+    assert torch.isfinite(PerImageStandardize()(x)).all()

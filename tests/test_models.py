@@ -1,0 +1,97 @@
+import json
+from types import SimpleNamespace
+
+import pytest
+import timm
+import torch
+from timm.models.convnext import ConvNeXt
+
+from conftest import REFERENCE
+from models import ConvNeXtIsotropic, build_model, load_pretrained
+from utils import DataError
+
+needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason='shared/reference not beside the project')
+
+
+def reference(name):
+    x = torch.load(REFERENCE / 'reference_input_2x3x64x64.pt', weights_only=True)
+    logits = torch.tensor(json.loads((REFERENCE / 'reference_logits.json').read_text())[name]['logits'])
+    return x, logits
+
+
+@needs_reference
+@pytest.mark.parametrize('name,make', [
+    ('official_convnext_v1_d1121_w16.pth',
+     lambda: ConvNeXt(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), num_classes=5, ls_init_value=1e-6)),
+    ('official_convnext_v1_d1121_w16.pth',  # timm's conv-MLP layout takes the official Linear weights too
+     lambda: ConvNeXt(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), num_classes=5, ls_init_value=1e-6, conv_mlp=True)),
+    ('official_convnextv2_d1121_w16.pt',
+     lambda: ConvNeXt(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), num_classes=5, use_grn=True, ls_init_value=None)),
+    ('official_convnext_isotropic_d2_w64.pth',
+     lambda: ConvNeXtIsotropic(depth=2, dim=64, num_classes=5, ls_init_value=1e-6)),
+])
+def test_official_checkpoints_reproduce_logits(name, make):
+    model = make().eval()
+    report = load_pretrained(model, REFERENCE / name)
+    assert report['missing'] == [] and report['unexpected'] == []
+    x, expected = reference(name)
+    with torch.no_grad():
+        assert (model(x) - expected).abs().max().item() < 1e-4
+
+
+def model_args(**kw):
+    base = dict(model='convnext_atto', nb_classes=2, drop_path=0.0, in_chans=3, head_init_scale=1.0,
+                layer_scale_init_value=None)
+    return SimpleNamespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize('name', ['convnext_atto', 'convnext_tiny', 'convnextv2_atto', 'convnextv2_huge',
+                                  'convnext_xlarge', 'convnext_isotropic_small'])
+def test_every_family_builds(name):
+    with torch.device('meta'):  # no memory for the big ones
+        model = build_model(model_args(model=name, nb_classes=4, drop_path=0.2))
+    assert model.num_classes == 4
+
+
+def test_unknown_model_name():
+    with pytest.raises(DataError, match='unknown model name'):
+        build_model(model_args(model='convnext_tinyy'))
+
+
+def test_finetune_timm_checkpoint_other_head(tmp_path):
+    src = build_model(model_args(nb_classes=4))
+    torch.save({'model': src.state_dict(), 'epoch': 3}, tmp_path / 'ck.pth')
+    dst = build_model(model_args(nb_classes=2))
+    report = load_pretrained(dst, tmp_path / 'ck.pth')
+    assert sorted(report['dropped_head']) == ['head.fc.bias', 'head.fc.weight']
+    assert report['missing'] == ['head.fc.weight', 'head.fc.bias']
+    assert torch.equal(dst.stem[0].weight, src.stem[0].weight)
+    assert torch.equal(dst.stages[3].blocks[1].mlp.fc2.weight, src.stages[3].blocks[1].mlp.fc2.weight)
+
+
+def test_finetune_ema_key_module_prefix_safetensors_and_one_channel(tmp_path):
+    from safetensors.torch import save_file
+    src = build_model(model_args())
+    ema = {f'module.{k}': v + 1 for k, v in src.state_dict().items()}
+    torch.save({'model': src.state_dict(), 'model_ema': ema}, tmp_path / 'ck.pth')
+    dst = build_model(model_args())
+    load_pretrained(dst, tmp_path / 'ck.pth', model_key='model_ema')
+    assert torch.equal(dst.stem[0].weight, src.stem[0].weight + 1)
+
+    save_file(src.state_dict(), tmp_path / 'w.safetensors')
+    gray = build_model(model_args(in_chans=1))
+    load_pretrained(gray, tmp_path / 'w.safetensors')
+    assert gray.stem[0].weight.shape[1] == 1
+    assert torch.allclose(gray.stem[0].weight[:, 0], src.stem[0].weight.sum(1), atol=1e-6)
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+    torch.save({'model': timm.create_model('convnext_femto').state_dict()}, tmp_path / 'femto.pth')
+    with pytest.raises(DataError, match='femto.pth: checkpoint does not fit'):
+        load_pretrained(build_model(model_args()), tmp_path / 'femto.pth')
+    torch.save({'model': timm.create_model('resnet10t').state_dict()}, tmp_path / 'resnet.pth')
+    with pytest.raises(DataError, match='resnet.pth'):
+        load_pretrained(build_model(model_args()), tmp_path / 'resnet.pth')
+    (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
+    with pytest.raises(DataError, match='junk.pth: unreadable checkpoint'):
+        load_pretrained(build_model(model_args()), tmp_path / 'junk.pth')

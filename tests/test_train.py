@@ -1,0 +1,152 @@
+"""End to end on a few real ELPV images: training, resume, evaluation, prediction mode, bad input."""
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+import main as cli
+from conftest import train_argv
+from utils import DataError
+
+
+def run(argv):
+    return cli.main([str(a) for a in argv])
+
+
+@pytest.fixture(scope='module')
+def trained(elpv_small, tmp_path_factory):
+    """A 2-epoch training of convnext_atto, 4-class soft head, on 40 real ELPV cells."""
+    out = tmp_path_factory.mktemp('run') / 'out'
+    summary = run(train_argv(elpv_small, out, '--nb_classes', '4', '--use_softlabel', 'True'))
+    return out, summary
+
+
+def test_training_writes_outputs(trained):
+    out, summary = trained
+    for name in ('args.json', 'checkpoint-last.pth', 'checkpoint-best.pth', 'log.txt', 'metrics.json',
+                 'finished.json'):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+    assert [r['epoch'] for r in records] == [0, 1]
+    for key in ('train_loss', 'lr', 'val_acc', 'val_auroc', 'val_ap', 'val_f1', 'val_ece', 'val_brier', 'val_acc4',
+                'val_acc_amb_pos', 'val_acc4_neg', 'val_mono/auroc', 'val_poly/ece'):
+        assert key in records[-1], key
+    events = list((out / 'tensorboard').glob('events.out.tfevents.*'))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(out / 'tensorboard'))
+    acc.Reload()
+    assert {'train/loss', 'train/lr', 'val/auroc', 'val/ece'} <= set(acc.Tags()['scalars'])
+    assert len(acc.Scalars('val/auroc')) == 2
+    ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
+    assert ckpt['epoch'] == 1 and {'optimizer', 'lr_scheduler', 'rng', 'args'} <= set(ckpt)
+    assert summary['test']['n'] == 10 and 0 <= summary['test']['auroc'] <= 1
+
+
+def test_refuses_existing_run(trained, elpv_small):
+    out, _ = trained
+    before = (out / 'log.txt').read_text()
+    with pytest.raises(DataError, match='already holds a run'):
+        run(train_argv(elpv_small, out))
+    assert (out / 'log.txt').read_text() == before
+
+
+def test_resume_continues_with_same_metrics(elpv_small, tmp_path, monkeypatch):
+    full, cut = tmp_path / 'full', tmp_path / 'cut'
+    run(train_argv(elpv_small, full, '--epochs', '3'))
+    real = cli.train_one_epoch
+
+    def interrupted(*args, **kwargs):  # Ctrl-C at the start of the second epoch
+        if args[5] == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, 'train_one_epoch', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(train_argv(elpv_small, cut, '--epochs', '3'))
+    monkeypatch.undo()
+    assert len((cut / 'log.txt').read_text().splitlines()) == 1 and not (cut / 'finished.json').exists()
+    run(train_argv(elpv_small, cut, '--epochs', '3', '--auto_resume', 'True'))
+    resumed = [json.loads(x) for x in (cut / 'log.txt').read_text().splitlines()]
+    straight = [json.loads(x) for x in (full / 'log.txt').read_text().splitlines()]
+    assert [r['epoch'] for r in resumed] == [0, 1, 2]
+    for a, b in zip(resumed, straight):
+        assert a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-5)
+        assert a['val_auroc'] == pytest.approx(b['val_auroc'], abs=1e-6)
+        assert a['val_ece'] == pytest.approx(b['val_ece'], abs=1e-6)
+    # a finished run is left alone by --auto_resume
+    mtime = (cut / 'checkpoint-last.pth').stat().st_mtime_ns
+    run(train_argv(elpv_small, cut, '--epochs', '3', '--auto_resume', 'True'))
+    assert (cut / 'checkpoint-last.pth').stat().st_mtime_ns == mtime
+
+
+def test_eval_mode(trained, elpv_small, tmp_path):
+    out, summary = trained
+    metrics = run(['--eval', 'True', '--resume', out / 'checkpoint-best.pth', '--eval_data_path', elpv_small,
+                   '--output_dir', tmp_path, '--num_workers', '0'])
+    assert metrics['auroc'] == pytest.approx(summary['test']['auroc'], abs=1e-6)
+    assert json.loads((tmp_path / 'metrics.json').read_text())['n'] == 10
+
+
+def test_prediction_mode(trained, elpv_small, tmp_path):
+    out, _ = trained
+    pred = tmp_path / 'pred'
+    run(['--pred', 'True', '--resume', out / 'checkpoint-best.pth', '--eval_data_path', elpv_small,
+         '--pred_save_path', pred, '--pred_save', 'True', '--pred_save_with_conf', 'True', '--pred_eval', 'True',
+         '--pred_eval_name', 'elpv', '--num_workers', '0', '--conf', '0.4'])
+    table = pd.read_csv(pred / 'predictions.csv')
+    assert len(table) == 10
+    assert {'path', 'label', 'p_amb_neg', 'p_amb_pos', 'p_neg', 'p_pos', 'p_defect', 'pred', 'pred4',
+            'correct'} <= set(table.columns)
+    assert table['p_defect'].to_numpy() == pytest.approx((table['p_pos'] + table['p_amb_pos']).to_numpy())
+    assert ((table['p_defect'] >= 0.4) == (table['pred'] == 'pos')).all()
+    copies = sorted((pred / 'images').rglob('*.png'))
+    assert len(copies) == 10
+    for row in table.itertuples():
+        name = f'{row.p_defect:.3f}_{row.path.split("/")[-1]}'
+        assert (pred / 'images' / row.label / row.pred / name).is_file()
+    graphs = {p.name for p in (pred / 'graphs').iterdir()}
+    assert {'elpv_confusion_matrix.png', 'elpv_confusion_matrix4.png', 'elpv_roc.png', 'elpv_precision_recall.png',
+            'elpv_histogram.png', 'elpv_reliability.png', 'elpv_threshold.png'} <= graphs
+
+
+def test_prediction_unlabelled_folder_and_ensemble(trained, elpv_small, tmp_path):
+    out, _ = trained
+    plain = tmp_path / 'plain'
+    plain.mkdir()
+    for p in list((elpv_small / 'pos').iterdir())[:3] + list((elpv_small / 'neg').iterdir())[:2]:
+        shutil.copy(p, plain / p.name)
+    pred = tmp_path / 'pred'
+    run(['--pred', 'True', '--resume', out / 'checkpoint-best.pth', out / 'checkpoint-last.pth',
+         '--several_models', 'True', '--eval_data_path', plain, '--pred_save_path', pred, '--pred_save', 'True',
+         '--num_workers', '0'])
+    table = pd.read_csv(pred / 'predictions.csv')
+    assert len(table) == 5 and 'label' not in table.columns
+    assert sum(len(list((pred / 'images' / c).glob('*.png'))) for c in ('neg', 'pos')
+               if (pred / 'images' / c).is_dir()) == 5
+
+
+@pytest.mark.parametrize('flags,match', [
+    (['--soft_label_ratio', '1.5'], 'soft_label_ratio must lie in'),
+    (['--label_ratio', '-1'], 'label_ratio must lie in'),
+    (['--data_path', '/nonexistent/data'], '/nonexistent/data: data path does not exist'),
+])
+def test_bad_input_one_line(flags, match, tmp_path, elpv_small):
+    argv = train_argv(elpv_small, tmp_path / 'o')
+    for i in range(0, len(flags), 2):
+        if flags[i] in argv:
+            argv[argv.index(flags[i]) + 1] = flags[i + 1]
+        else:
+            argv += flags[i:i + 2]
+    with pytest.raises(DataError, match=match):
+        run(argv)
+    assert not (tmp_path / 'o').exists()
+
+
+def test_resume_checkpoint_of_other_architecture(trained, elpv_small, tmp_path):
+    out, _ = trained
+    with pytest.raises(DataError, match='checkpoint-last.pth: checkpoint does not fit'):
+        run(train_argv(elpv_small, tmp_path / 'o', '--model', 'convnext_femto', '--resume',
+                       out / 'checkpoint-last.pth'))
