@@ -51,7 +51,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, lr_sched
     update_count = epoch * updates_per_epoch
     losses, seen, loaded = [], 0, 0
     expected = len(loader) * loader.batch_size if loader.drop_last else len(loader.sampler)
-    bar = tqdm(loader, desc=f'train {epoch}', leave=False, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(loader, desc=f'train {epoch}', leave=False, dynamic_ncols=True, mininterval=1.0, disable=None)
     for it, batch in enumerate(bar):
         if batch is None:
             continue
@@ -112,7 +112,7 @@ def predict_probs(model, loader, device, use_amp=False, amp_dtype='bfloat16', de
     """
     model.eval()
     probs, indices = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0):
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=None):
         if batch is None:
             continue
         images, _, index = batch

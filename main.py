@@ -423,7 +423,8 @@ def run_eval(args, explicit):
                              args.conf, run_args.soft_label_ratio, args.use_amp, args.amp_dtype)
     if not metrics.get('n'):
         raise DataError(f'{data}: no labelled image to evaluate; use --pred True for unlabelled images')
-    out = Path(args.output_dir if 'output_dir' in explicit else Path(args.resume[0]).parent)
+    out = Path(args.output_dir) if 'output_dir' in explicit else \
+        Path(args.resume[0]).parent / 'eval' / f'{Path(data).resolve().name}_{args.eval_split}'
     atomic_write_json(metrics, out / 'metrics.json')
     print(f'{data} ({args.eval_split}, {metrics["n"]} images): {format_metrics(metrics)}')
     print(f'metrics: {out / "metrics.json"}')
@@ -440,8 +441,12 @@ def run_pred(args, explicit):
     device = resolve_device(args.device)
     out_root = Path(args.pred_save_path or Path(args.output_dir) / 'pred')
     groups = [args.resume] if args.several_models else [[c] for c in args.resume]
+    outs = [out_root if len(groups) == 1 else out_root / Path(g[0]).parent.name / Path(g[0]).stem for g in groups]
+    held = [str(o) for o in outs if (o / 'predictions.csv').exists()]
+    if held:
+        raise DataError(f'{held[0]}: already holds a prediction report; choose another --pred_save_path')
     results = []
-    for group in groups:
+    for group, out in zip(groups, outs):
         probs_sum, indices, nb_classes, frame, run_args = None, None, None, None, None
         for path in group:
             model, run_args = load_for_inference(path, args, explicit)
@@ -457,7 +462,6 @@ def run_pred(args, explicit):
             if indices is not None and not np.array_equal(idx, indices):
                 raise DataError(f'{path}: models saw different images (a corrupt image?); predict them one by one')
             probs_sum, indices = (probs if probs_sum is None else probs_sum + probs), idx
-        out = out_root if len(groups) == 1 else out_root / Path(group[0]).parent.name / Path(group[0]).stem
         report = write_prediction_report(frame, probs_sum / len(group), indices, nb_classes, out, args.conf,
                                          run_args.soft_label_ratio, args.pred_save, args.pred_save_with_conf,
                                          args.pred_eval, args.pred_eval_name)

@@ -150,3 +150,27 @@ def test_resume_checkpoint_of_other_architecture(trained, elpv_small, tmp_path):
     with pytest.raises(DataError, match='checkpoint-last.pth: checkpoint does not fit'):
         run(train_argv(elpv_small, tmp_path / 'o', '--model', 'convnext_femto', '--resume',
                        out / 'checkpoint-last.pth'))
+
+
+def test_prediction_refuses_existing_report(trained, elpv_small, tmp_path):
+    out, _ = trained
+    argv = ['--pred', 'True', '--resume', out / 'checkpoint-best.pth', '--eval_data_path', elpv_small,
+            '--pred_save_path', tmp_path / 'p', '--num_workers', '0']
+    run(argv)
+    before = (tmp_path / 'p' / 'predictions.csv').read_text()
+    with pytest.raises(DataError, match='already holds a prediction report'):
+        run(argv)
+    assert (tmp_path / 'p' / 'predictions.csv').read_text() == before
+
+
+def test_corrupt_training_image_skipped_and_counted(elpv_small, tmp_path):
+    root = tmp_path / 'data'
+    shutil.copytree(elpv_small, root)
+    listed = pd.read_csv(root / 'list.csv')
+    bad = [p for p in listed['path'] if p.startswith('pos/')][:2]
+    for p in bad:
+        (root / p).write_bytes(b'\x89PNG broken')
+    summary = run(train_argv(root, tmp_path / 'o', '--epochs', '1', '--test', 'False',
+                             '--test_val_ratio', '0', '0'))
+    assert summary['skipped_images'] == 2
+    assert json.loads((tmp_path / 'o' / 'finished.json').read_text())['skipped_images'] == 2
