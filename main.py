@@ -29,8 +29,8 @@ from metrics import is_better
 from models import build_model, load_pretrained, read_checkpoint
 from preprocess_data import PADDING_MODES, drop_boxes
 from softLabelLoss import LABELS, LOSS_FUNCTIONS, SoftLabelLoss, check_ratio, head_classes
-from utils import (DataError, atomic_torch_save, atomic_write_json, rng_state, seed_everything, set_rng_state,
-                   str2bool)
+from utils import (DataError, atomic_torch_save, atomic_write_json, atomic_write_text, rng_state, seed_everything,
+                   set_rng_state, str2bool)
 
 log = logging.getLogger('main')
 # flags that describe the model and its input: for --eval/--pred they come from the checkpoint unless given
@@ -311,10 +311,16 @@ def train(args, argv):
         if ckpt.get('rng'):
             _restore_rng(ckpt['rng'])
         log.info(f'resumed from {resume} at epoch {start_epoch}')
+        if (out / 'log.txt').is_file():  # drop records of epochs after the checkpoint (killed before it was saved)
+            kept = [line for line in (out / 'log.txt').read_text().splitlines()
+                    if line.strip() and json.loads(line).get('epoch', -1) < start_epoch]
+            atomic_write_text(''.join(f'{line}\n' for line in kept), out / 'log.txt')
 
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(vars(args), out / 'args.json')
-    writer = SummaryWriter(log_dir=str(Path(args.log_dir or args.output_dir) / args.log_name),
+    tb_dir = Path(args.log_dir or args.output_dir) / args.log_name
+    for folder in (out, tb_dir):  # the event folder describes its run too (load_board.py reads it)
+        atomic_write_json(vars(args), folder / 'args.json')
+    writer = SummaryWriter(log_dir=str(tb_dir),
                            purge_step=start_epoch * len(train_loader) if start_epoch else None)
     epoch = start_epoch - 1
     for epoch in range(start_epoch, args.epochs):

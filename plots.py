@@ -13,7 +13,7 @@ from sklearn.metrics import (ConfusionMatrixDisplay, PrecisionRecallDisplay, Roc
 from softLabelLoss import LABELS  # noqa: E402
 
 
-def _save(fig, path):
+def save_figure(fig, path):
     """Save a figure atomically (temporary file, then rename) and close it."""
     path = Path(path)
     tmp = path.with_name(f'.{path.stem}.tmp{path.suffix}')
@@ -50,26 +50,26 @@ def draw_graphs(out_dir, p_defect, labels, reference, conf=0.5, probs=None, pref
     ConfusionMatrixDisplay.from_predictions(y, (p_defect >= conf).astype(int), labels=[0, 1],
                                             display_labels=['fine', 'defect'], ax=ax, colorbar=False)
     ax.set_title(f'Confusion matrix (threshold {conf:g})')
-    written.append(_save(fig, out_dir / f'{prefix}confusion_matrix.png'))
+    written.append(save_figure(fig, out_dir / f'{prefix}confusion_matrix.png'))
 
     if probs is not None and probs.shape[1] == 4:
         fig, ax = plt.subplots(figsize=(5.5, 5))
         ConfusionMatrixDisplay.from_predictions(labels, probs.argmax(1), labels=list(range(4)),
                                                 display_labels=list(LABELS), ax=ax, colorbar=False)
         ax.set_title('4-class confusion matrix')
-        written.append(_save(fig, out_dir / f'{prefix}confusion_matrix4.png'))
+        written.append(save_figure(fig, out_dir / f'{prefix}confusion_matrix4.png'))
 
     if both:
         fig, ax = plt.subplots(figsize=(4.5, 4))
         RocCurveDisplay.from_predictions(y, p_defect, ax=ax, name='P(defect)')
         ax.plot([0, 1], [0, 1], 'k:', lw=1)
         ax.set_title('ROC')
-        written.append(_save(fig, out_dir / f'{prefix}roc.png'))
+        written.append(save_figure(fig, out_dir / f'{prefix}roc.png'))
 
         fig, ax = plt.subplots(figsize=(4.5, 4))
         PrecisionRecallDisplay.from_predictions(y, p_defect, ax=ax, name='P(defect)')
         ax.set_title('Precision-recall')
-        written.append(_save(fig, out_dir / f'{prefix}precision_recall.png'))
+        written.append(save_figure(fig, out_dir / f'{prefix}precision_recall.png'))
 
         precision, recall, thresholds = precision_recall_curve(y, p_defect)
         fig, ax = plt.subplots(figsize=(5, 4))
@@ -79,7 +79,7 @@ def draw_graphs(out_dir, p_defect, labels, reference, conf=0.5, probs=None, pref
         ax.set(xlabel='threshold on P(defect)', ylabel='value', xlim=(0, 1), ylim=(0, 1.02),
                title='Precision and recall of the defect class')
         ax.legend()
-        written.append(_save(fig, out_dir / f'{prefix}threshold.png'))
+        written.append(save_figure(fig, out_dir / f'{prefix}threshold.png'))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     bins = np.linspace(0, 1, 21)
@@ -89,7 +89,7 @@ def draw_graphs(out_dir, p_defect, labels, reference, conf=0.5, probs=None, pref
     ax.axvline(conf, color='k', ls=':', lw=1)
     ax.set(xlabel='P(defect)', ylabel='images', title='P(defect) per true class')
     ax.legend()
-    written.append(_save(fig, out_dir / f'{prefix}histogram.png'))
+    written.append(save_figure(fig, out_dir / f'{prefix}histogram.png'))
 
     fig, ax = plt.subplots(figsize=(4.5, 4))
     edges = np.linspace(0, 1, 11)
@@ -105,5 +105,5 @@ def draw_graphs(out_dir, p_defect, labels, reference, conf=0.5, probs=None, pref
     ax.set(xlabel='P(defect)', ylabel='reference defect probability', xlim=(0, 1), ylim=(0, 1.1),
            title='Reliability diagram (numbers: images)')
     ax.legend(loc='upper left', fontsize=8)
-    written.append(_save(fig, out_dir / f'{prefix}reliability.png'))
+    written.append(save_figure(fig, out_dir / f'{prefix}reliability.png'))
     return written

@@ -57,6 +57,11 @@ def atomic_write_json(obj, path):
     _atomic(path, lambda f: json.dump(obj, f, indent=2, default=str))
 
 
+def atomic_write_text(text, path):
+    """Write a string to a file atomically."""
+    _atomic(path, lambda f: f.write(text))
+
+
 def atomic_torch_save(obj, path):
     """``torch.save`` atomically: a crash mid-write never leaves a truncated checkpoint at ``path``."""
     _atomic(path, lambda f: torch.save(obj, f), mode='wb')
