@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import re
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -25,7 +24,7 @@ from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_
 from tensorboard.util import tensor_util
 
 from metrics import LOWER_IS_BETTER
-from utils import DataError, atomic_write_csv, str2bool
+from utils import DataError, atomic_write_csv, run_cli, str2bool
 
 log = logging.getLogger('load_board')
 EVENT_GLOB = 'events.out.tfevents.*'
@@ -223,18 +222,19 @@ def main(argv=None):
     """Entry point; returns the summary DataFrame."""
     args = get_args_parser().parse_args(argv)
     summary = export(args.path, args.out, args.tags, args.metric, args.plot)
-    col = f'{args.metric}/best'
-    if col in summary.columns:
-        print(f'top runs by {args.metric}:')
-        for run, value in zip(summary['run'].head(args.top), summary[col].head(args.top)):
-            print(f'  {run}: {value:.4f}')
+    print_top(summary, args.metric, args.top)
     print(f'summary: {Path(args.out) / "summary.csv"}')
     return summary
 
 
+def print_top(summary, metric, top=5):
+    """Print the best ``top`` runs of a summary ranked by ``metric`` (nothing if the metric is absent)."""
+    col = f'{metric}/best'
+    if col in summary.columns:
+        print(f'top runs by {metric}:')
+        for run, value in zip(summary['run'].head(top), summary[col].head(top)):
+            print(f'  {value:.4f}  {run}')
+
+
 if __name__ == '__main__':
-    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-    try:
-        main()
-    except DataError as e:
-        sys.exit(f'error: {e}')
+    run_cli(main)

@@ -30,7 +30,7 @@ from models import build_model, load_pretrained, read_checkpoint
 from preprocess_data import PADDING_MODES, drop_boxes
 from softLabelLoss import LABELS, LOSS_FUNCTIONS, SoftLabelLoss, check_ratio, head_classes
 from utils import (DataError, atomic_torch_save, atomic_write_json, atomic_write_text, rng_state, seed_everything,
-                   set_rng_state, str2bool)
+                   run_cli, set_rng_state, str2bool)
 
 log = logging.getLogger('main')
 # flags that describe the model and its input: for --eval/--pred they come from the checkpoint unless given
@@ -497,9 +497,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except DataError as e:
-        sys.exit(f'error: {e}')
-    except KeyboardInterrupt:
-        sys.exit('interrupted: checkpoint-last.pth holds the last finished epoch; continue with --auto_resume True')
+    run_cli(main, 'interrupted: checkpoint-last.pth holds the last finished epoch; continue with --auto_resume True')

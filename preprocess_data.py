@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import cv2
@@ -23,7 +22,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from softLabelLoss import LABELS
-from utils import DataError, atomic_write_csv, str2bool
+from utils import DataError, atomic_write_csv, run_cli, str2bool
 
 log = logging.getLogger('preprocess')
 
@@ -474,8 +473,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-    try:
-        main(get_args_parser().parse_args())
-    except DataError as e:
-        sys.exit(f'error: {e}')
+    run_cli(lambda: main(get_args_parser().parse_args()))

@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from utils import DataError, atomic_write_csv, str2bool
+from utils import DataError, atomic_write_csv, run_cli, str2bool
 
 log = logging.getLogger('run')
 HERE = Path(__file__).resolve().parent
@@ -284,11 +284,7 @@ def summarise(sweep, top=5):
     except DataError as e:
         print(f'no summary: {e}')
         return None
-    col = f'{sweep["metric"]}/best'
-    if col in summary.columns:
-        print(f'top runs by {sweep["metric"]}:')
-        for run, value in zip(summary['run'].head(top), summary[col].head(top)):
-            print(f'  {value:.4f}  {run}')
+    load_board.print_top(summary, sweep['metric'], top)
     print(f'summary: {sweep["sweep_dir"] / "csv" / "summary.csv"}')
     return summary
 
@@ -322,10 +318,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-    try:
-        main()
-    except DataError as e:
-        sys.exit(f'error: {e}')
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(main)

@@ -1,7 +1,9 @@
 """Small helpers shared by the entry points: errors, flag parsing, atomic writes, seeding."""
 import argparse
 import json
+import logging
 import os
+import sys
 import random
 import tempfile
 from pathlib import Path
@@ -92,3 +94,17 @@ def set_rng_state(state):
         torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def run_cli(main, interrupt_message=None):
+    """Run an entry point's ``main()`` with INFO logging; a DataError exits with its one-line message (status 1),
+    Ctrl-C with ``interrupt_message`` (status 130)."""
+    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f'error: {e}')
+    except KeyboardInterrupt:
+        if interrupt_message:
+            print(interrupt_message, file=sys.stderr)
+        sys.exit(130)

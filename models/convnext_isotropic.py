@@ -5,7 +5,6 @@ average pooling, LayerNorm and a linear head. Registered in timm's model registr
 (depth 18, dim 384), ``convnext_isotropic_base`` (18, 768) and ``convnext_isotropic_large`` (36, 1024), the sizes
 of the official facebookresearch/ConvNeXt code.
 """
-import torch
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXtBlock
