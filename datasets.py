@@ -5,6 +5,11 @@ Each item is (float32 image [C, H, W], int64 label index in ``softLabelLoss.LABE
 int64 sample index).
 """
 import logging
+import math
+import os
+import pickle
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -38,7 +43,8 @@ def read_image(path, channels=3):
 
     Args:
         path: image file.
-        channels: 3 for RGB [H, W, 3], 1 for grayscale [H, W].
+        channels: 3 for RGB [H, W, 3], 1 for grayscale [H, W], None to keep a grayscale image [H, W] and give a
+            colour one as RGB.
 
     Returns:
         uint8 numpy array.
@@ -59,7 +65,8 @@ def read_image(path, channels=3):
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
     if img.ndim == 2:
-        return img if channels == 1 else cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+        return img if channels in (1, None) else cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    channels = channels or 3
     code = {(3, 3): cv2.COLOR_BGR2RGB, (4, 3): cv2.COLOR_BGRA2RGB,
             (3, 1): cv2.COLOR_BGR2GRAY, (4, 1): cv2.COLOR_BGRA2GRAY}[(img.shape[2], channels)]
     return cv2.cvtColor(img, code)
@@ -101,22 +108,141 @@ def build_transform(is_train, args):
     return transforms.Compose([tf, PerImageStandardize()]) if per_image else tf
 
 
+def available_memory():
+    """Bytes of physical memory available now (Linux ``sysconf``; 0 when unknown)."""
+    try:
+        return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def cache_side(input_size, crop_pct=1.0):
+    """Shorter side in pixels of cached images: just above what the transforms need (input_size / crop_pct + 10%)."""
+    return int(math.ceil(input_size / min(crop_pct, 1.0) * 1.1))
+
+
+def sample_window(box, padding, padding_size):
+    """Crop window of a sample's box (None for a sample without one)."""
+    if box is None or np.isnan(box).any():
+        return None
+    return crop_window(box, padding, padding_size)
+
+
+def decode_resized(path, side, window=None):
+    """Decode an image once for the cache: crop it to ``window`` and shrink it so its shorter side is ``side``.
+
+    Grayscale images stay single-channel (uint8 [h, w]) to save memory, colour ones are RGB [h, w, 3]. Shrinking
+    uses OpenCV's area interpolation; smaller images are kept as they are.
+
+    Raises:
+        ImageReadError.
+    """
+    img = read_image(path, channels=None)
+    if window is not None:
+        img = crop_with_padding(img, window)
+    h, w = img.shape[:2]
+    scale = side / min(h, w)
+    if scale < 1:
+        img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    return img
+
+
+class ImageCache:
+    """Images decoded and resized once (``decode_resized``), in memory and optionally in a file.
+
+    Entries are keyed by path and crop window and hold the file's size and modification time, so a changed file is
+    decoded again; the file (a pickle of uint8 arrays, written atomically) is rewritten only when entries changed.
+    Decoding runs in a thread pool (OpenCV releases the GIL).
+
+    Args:
+        side: shorter side in pixels of the cached images.
+        path: optional cache file to read and update.
+    """
+
+    def __init__(self, side, path=None):
+        self.side, self.path, self.entries = int(side), (Path(path) if path else None), {}
+        if self.path and self.path.is_file():
+            try:
+                with open(self.path, 'rb') as f:
+                    saved = pickle.load(f)
+                if saved.get('side') == self.side:
+                    self.entries = saved['entries']
+            except (OSError, pickle.UnpicklingError, EOFError, KeyError, AttributeError):
+                log.warning(f'{self.path}: unreadable image cache, decoding again')
+
+    @staticmethod
+    def stamp(path):
+        """(size in bytes, modification time in ns) of a file, or None when it is missing."""
+        try:
+            st = os.stat(path)
+            return st.st_size, st.st_mtime_ns
+        except OSError:
+            return None
+
+    def images(self, paths, windows, threads=None):
+        """Cached images of the samples, decoding the ones missing or changed.
+
+        Args:
+            paths: list of image paths. windows: list of crop windows (or None), same length.
+
+        Returns:
+            list of uint8 arrays, None where an image could not be read (logged with its path).
+        """
+        keys = [(str(p), tuple(w) if w is not None else None) for p, w in zip(paths, windows)]
+        stamps = [self.stamp(p) for p in paths]
+        todo = sorted({k for k, st in zip(keys, stamps) if st is not None and
+                       (k not in self.entries or self.entries[k][0] != st)})
+
+        def work(key):
+            try:
+                return key, decode_resized(key[0], self.side, key[1])
+            except ImageReadError as e:
+                log.warning(f'skipped image {e}')
+                return key, None
+
+        if todo:
+            t0 = time.time()
+            with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+                for key, img in pool.map(work, todo):
+                    self.entries[key] = (self.stamp(key[0]), img)
+            log.info(f'decoded {len(todo)} image(s) at {self.side} px in {time.time() - t0:.1f}s'
+                     + (f', cache {self.path}' if self.path else ''))
+            if self.path:
+                self.save()
+        return [self.entries[k][1] if st is not None else None for k, st in zip(keys, stamps)]
+
+    def save(self):
+        """Write the cache file atomically."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f'.{self.path.name}.{os.getpid()}.tmp')
+        with open(tmp, 'wb') as f:
+            pickle.dump({'side': self.side, 'entries': self.entries}, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, self.path)
+
+
+def cache_fits(n_images, side, fraction=0.25):
+    """True if ``n_images`` grayscale images of side x side pixels take less than ``fraction`` of free memory."""
+    return n_images * side * side * 1.2 < fraction * available_memory()
+
+
 class DefectDataset(Dataset):
-    """Images of a sample list, optionally cropped to their boxes.
+    """Images of a sample list, optionally cropped to their boxes and decoded once into a cache.
 
     Args:
         frame: DataFrame with ``path`` (absolute), optional ``label`` (LABELS names), optional box columns.
         transform: callable PIL image -> float32 tensor [C, H, W].
         in_chans: 3 (RGB) or 1 (grayscale).
         padding, padding_size: box crop mode and size (see ``preprocess_data.crop_window``); used for rows with a box.
-        use_shift: move each crop window at random, never past its box (training only).
+        use_shift: move each crop window at random, never past its box (training only; such crops are not cached).
         strict: raise on an unreadable image instead of skipping it.
+        cache: optional ``ImageCache``: images are decoded and resized once, augmentation runs on the cached copies.
 
     Items: (float32 tensor [C, H, W], int64 label index or -1, int64 sample index), or None for a skipped image
     (``collate_skip`` drops those).
     """
 
-    def __init__(self, frame, transform, in_chans=3, padding='PIXEL', padding_size=0, use_shift=False, strict=False):
+    def __init__(self, frame, transform, in_chans=3, padding='PIXEL', padding_size=0, use_shift=False, strict=False,
+                 cache=None):
         self.frame = frame.reset_index(drop=True)
         self.paths = self.frame['path'].tolist()
         labels = self.frame['label'] if 'label' in self.frame.columns else pd.Series([None] * len(self.frame))
@@ -126,16 +252,30 @@ class DefectDataset(Dataset):
         self.transform, self.in_chans = transform, in_chans
         self.padding, self.padding_size, self.use_shift, self.strict = padding, padding_size, use_shift, strict
         self.reported = set()
+        self.cached = None
+        if cache is not None and not (use_shift and self.boxes is not None):
+            windows = [sample_window(None if self.boxes is None else self.boxes[i], padding, padding_size)
+                       for i in range(len(self.paths))]
+            self.cached = cache.images(self.paths, windows)
+            bad = [i for i, img in enumerate(self.cached) if img is None]
+            if bad and strict:
+                raise ImageReadError(f'{self.paths[bad[0]]}: cannot be read (and {len(bad) - 1} more)')
+            self.reported.update(bad)
 
     def __len__(self):
         return len(self.paths)
 
     def load(self, index):
         """uint8 image array of sample ``index``, cropped to its box when it has one. Raises ImageReadError."""
+        if self.cached is not None:
+            img = self.cached[index]
+            if img is None:
+                raise ImageReadError(f'{self.paths[index]}: cannot be decoded (corrupt or unsupported)')
+            return img
         img = read_image(self.paths[index], self.in_chans)
-        if self.boxes is not None and not np.isnan(self.boxes[index]).any():
-            box = self.boxes[index]
-            window = crop_window(box, self.padding, self.padding_size)
+        box = None if self.boxes is None else self.boxes[index]
+        window = sample_window(box, self.padding, self.padding_size)
+        if window is not None:
             if self.use_shift:
                 window = shift_window(window, box, np.random.default_rng(torch.randint(2**31, ()).item()))
             img = crop_with_padding(img, window)
@@ -151,7 +291,12 @@ class DefectDataset(Dataset):
                 log.warning(f'skipped image {e}')
                 self.reported.add(index)
             return None
-        x = self.transform(Image.fromarray(img))
+        pil = Image.fromarray(img)
+        if self.in_chans == 1 and pil.mode != 'L':
+            pil = pil.convert('L')
+        elif self.in_chans == 3 and pil.mode != 'RGB':
+            pil = pil.convert('RGB')
+        x = self.transform(pil)
         return x, torch.tensor(self.labels[index]), torch.tensor(index)
 
 
@@ -300,6 +445,6 @@ def balanced_label_weights(frame):
     return out
 
 
-__all__ = ['DefectDataset', 'ImageReadError', 'PerImageStandardize', 'balanced_label_weights', 'build_transform',
+__all__ = ['DefectDataset', 'ImageCache', 'ImageReadError', 'cache_fits', 'cache_side', 'PerImageStandardize', 'balanced_label_weights', 'build_transform',
            'check_files_exist', 'collate_skip', 'is_image', 'is_split_folder', 'label_counts', 'load_eval_frame',
            'load_splits', 'read_image', 'upsample']

@@ -51,6 +51,23 @@ def is_main_process():
     return rank() == 0
 
 
+def world_size():
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def main_first(fn):
+    """Call ``fn`` on rank 0 first, then on the other ranks (e.g. rank 0 writes a split or cache file that the others
+    then read); returns ``fn()``'s result on every rank."""
+    if is_main_process():
+        try:
+            return fn()
+        finally:  # also on error: the other ranks then meet the same error themselves instead of waiting forever
+            barrier()
+    barrier()
+    return fn()
+
+
 def barrier():
     """Wait for every process (no-op for one process)."""
     if is_distributed():

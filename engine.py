@@ -3,6 +3,7 @@ import contextlib
 import logging
 import math
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from distributed import all_reduce_sum, gather_predictions, is_main_process
 from metrics import compute_metrics, reference_probabilities
 from plots import draw_graphs
 from softLabelLoss import LABEL_INDEX, LABELS, defect_probability, head_classes
@@ -32,17 +34,19 @@ def autocast_context(device, use_amp, amp_dtype='bfloat16'):
 
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, lr_scheduler=None, scaler=None,
                     model_ema=None, mixup_fn=None, update_freq=1, clip_grad=None, use_amp=False, amp_dtype='bfloat16',
-                    writer=None, print_freq=20):
+                    writer=None, print_freq=20, memory_format=torch.contiguous_format):
     """Train for one epoch.
 
     Each batch is (float32 images [B, C, H, W], int64 labels [B] in LABELS order, int64 sample indices [B]); batches
     whose images were all skipped are None. Targets come from ``criterion.targets`` and, with ``mixup_fn`` (timm
     ``Mixup`` with ``multi_label=True``), are mixed with the same lambda as the images. Gradients accumulate over
     ``update_freq`` batches; the LR scheduler (timm) steps per optimizer update; EMA (timm ``ModelEmaV3``) updates
-    after each optimizer step.
+    after each optimizer step. Under torchrun, ``model`` is the DistributedDataParallel wrapper and the returned
+    loss, image and skip counts are summed over all processes. ``memory_format``: torch.channels_last for NHWC.
 
     Returns:
-        dict: loss (mean over batches), lr (last), images (seen), skipped (images the loader skipped), updates.
+        dict: loss (mean over batches), lr (last), images (seen), skipped (images the loader skipped), updates,
+        data_time (seconds waiting for batches).
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -51,8 +55,11 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, lr_sched
     update_count = epoch * updates_per_epoch
     losses, seen, loaded = [], 0, 0
     expected = len(loader) * loader.batch_size if loader.drop_last else len(loader.sampler)
-    bar = tqdm(loader, desc=f'train {epoch}', leave=False, dynamic_ncols=True, mininterval=1.0, disable=None)
+    bar = tqdm(loader, desc=f'train {epoch}', leave=False, dynamic_ncols=True, mininterval=1.0,
+               disable=None if is_main_process() else True)
+    data_time, t_wait = 0.0, time.perf_counter()
     for it, batch in enumerate(bar):
+        data_time += time.perf_counter() - t_wait
         if batch is None:
             continue
         images, labels, _ = batch
@@ -61,7 +68,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, lr_sched
             images, labels = images[:-1], labels[:-1]
         if len(images) == 0:
             continue
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
         targets = criterion.targets(labels)
         if mixup_fn is not None:
@@ -98,31 +105,36 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, lr_sched
             step = epoch * n_batches + it
             writer.add_scalar('train/loss', loss.item(), step)
             writer.add_scalar('train/lr', lr, step)
-    return {'loss': float(np.mean(losses)) if losses else float('nan'), 'lr': optimizer.param_groups[0]['lr'],
-            'images': seen, 'skipped': expected - loaded, 'updates': update_count}
+        t_wait = time.perf_counter()
+    n_losses = all_reduce_sum(len(losses))
+    return {'loss': all_reduce_sum(sum(losses)) / n_losses if n_losses else float('nan'),
+            'lr': optimizer.param_groups[0]['lr'], 'images': int(all_reduce_sum(seen)),
+            'skipped': int(all_reduce_sum(expected - loaded)), 'updates': update_count, 'data_time': data_time}
 
 
 @torch.inference_mode()
-def predict_probs(model, loader, device, use_amp=False, amp_dtype='bfloat16', desc='eval'):
-    """Class probabilities of every image the loader yields.
+def predict_probs(model, loader, device, use_amp=False, amp_dtype='bfloat16', desc='eval',
+                  memory_format=torch.contiguous_format):
+    """Class probabilities of every image the loader yields, gathered from all processes under torchrun.
 
     Returns:
-        (float32 array [N, C] softmax probabilities, int64 array [N] sample indices); images skipped by the loader
-        are absent.
+        (float32 array [N, C] softmax probabilities, int64 array [N] sample indices, sorted); images skipped by the
+        loader are absent.
     """
     model.eval()
     probs, indices = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=None):
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,
+                      disable=None if is_main_process() else True):
         if batch is None:
             continue
         images, _, index = batch
         with autocast_context(device, use_amp, amp_dtype):
-            logits = model(images.to(device, non_blocking=True))
+            logits = model(images.to(device, non_blocking=True, memory_format=memory_format))
         probs.append(logits.float().softmax(-1).cpu())
         indices.append(index)
-    if not probs:
-        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-    return torch.cat(probs).numpy(), torch.cat(indices).numpy()
+    probs = torch.cat(probs).numpy() if probs else np.zeros((0, 0), np.float32)
+    indices = torch.cat(indices).numpy() if indices else np.zeros(0, np.int64)
+    return gather_predictions(probs, indices)
 
 
 def sample_info(frame, soft_label_ratio=0.7):
@@ -136,7 +148,7 @@ def sample_info(frame, soft_label_ratio=0.7):
 
 
 def evaluate(model, loader, device, frame, conf=0.5, soft_label_ratio=0.7, use_amp=False, amp_dtype='bfloat16',
-             desc='eval'):
+             desc='eval', memory_format=torch.contiguous_format):
     """Evaluate a model on a labelled sample list.
 
     Args:
@@ -146,7 +158,7 @@ def evaluate(model, loader, device, frame, conf=0.5, soft_label_ratio=0.7, use_a
     Returns:
         (metrics dict from ``metrics.compute_metrics`` plus 'skipped', float32 probs [N', C], int64 indices [N']).
     """
-    probs, indices = predict_probs(model, loader, device, use_amp, amp_dtype, desc)
+    probs, indices = predict_probs(model, loader, device, use_amp, amp_dtype, desc, memory_format)
     labels, reference, types = sample_info(frame, soft_label_ratio)
     metrics = compute_metrics(probs, labels[indices], reference[indices],
                               None if types is None else types[indices], conf) if len(indices) else {}

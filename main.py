@@ -20,14 +20,19 @@ from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 
-from datasets import (DefectDataset, balanced_label_weights, build_transform, collate_skip, label_counts,
+from datasets import (DefectDataset, ImageCache, balanced_label_weights, build_transform, cache_fits, cache_side,
+                      collate_skip, is_split_folder, label_counts,
                       load_eval_frame, load_splits, upsample)
+from distributed import (ShardSampler, barrier, cleanup, init_distributed, is_distributed, is_main_process,
+                         main_first, world_size)
+from distributed import rank as get_rank
 from engine import evaluate, format_metrics, predict_probs, train_one_epoch, write_prediction_report
 from metrics import is_better
 from models import build_model, load_pretrained, read_checkpoint
-from preprocess_data import PADDING_MODES, drop_boxes
+from preprocess_data import PADDING_MODES, drop_boxes, split_name
 from softLabelLoss import LABELS, LOSS_FUNCTIONS, SoftLabelLoss, check_ratio, head_classes
 from utils import (DataError, atomic_torch_save, atomic_write_json, atomic_write_text, rng_state, seed_everything,
                    run_cli, set_rng_state, str2bool)
@@ -111,8 +116,12 @@ def get_args_parser():
     g.add_argument('--padding_size', type=int, default=0)
     g.add_argument('--use_shift', type=str2bool, default=False, help='random crop shift at train time')
     g.add_argument('--strict_images', type=str2bool, default=False, help='stop on a corrupt image')
-    g.add_argument('--num_workers', type=int, default=min(4, os.cpu_count() or 1))
+    g.add_argument('--num_workers', type=int, default=-1,
+                   help='DataLoader workers per process; -1: CPU cores per process minus one, at most 8')
     g.add_argument('--pin_mem', type=str2bool, default=True, help='pinned memory (CUDA only)')
+    g.add_argument('--cache', default='auto', choices=['auto', 'memory', 'file', 'none'],
+                   help='decode and resize images once: memory, file (memory plus a file beside the split), '
+                        'none; auto = file when the images fit in a quarter of the free memory')
 
     g = p.add_argument_group('run')
     g.add_argument('--output_dir', default='output')
@@ -125,6 +134,8 @@ def get_args_parser():
     g.add_argument('--auto_resume', type=str2bool, default=False, help='continue from OUTPUT/checkpoint-last.pth')
     g.add_argument('--use_amp', type=str2bool, default=False, help='bf16 autocast on CPU, fp16/bf16 on CUDA')
     g.add_argument('--amp_dtype', default='bfloat16', choices=['bfloat16', 'float16'])
+    g.add_argument('--channels_last', type=str2bool, default=True, help='NHWC memory format (faster convolutions)')
+    g.add_argument('--compile', type=str2bool, default=False, help='torch.compile the model (eager on failure)')
     g.add_argument('--early_stop', type=str2bool, default=False)
     g.add_argument('--early_stop_epoch', type=int, default=10, help='epochs without improvement before stopping')
     g.add_argument('--eval', type=str2bool, default=False, help='evaluate --resume on --eval_data_path')
@@ -165,30 +176,95 @@ def check_args(args):
 
 
 def resolve_device(name):
-    """torch.device for --device (auto: CUDA when available, else CPU). Raises DataError for unavailable CUDA."""
-    if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    device = torch.device(name)
-    if device.type == 'cuda' and not torch.cuda.is_available():
+    """torch.device for --device (auto: CUDA when available, else CPU); under torchrun, this process's GPU.
+
+    Raises:
+        DataError: CUDA asked for but not available.
+    """
+    if name != 'auto' and name.startswith('cuda') and not torch.cuda.is_available():
         raise DataError(f'--device {name}: CUDA is not available on this machine')
-    return device
+    if name not in ('auto', 'cpu', 'cuda') and not is_distributed():
+        return torch.device(name)
+    return init_distributed(name)[0]
+
+
+def default_workers(world_size=1):
+    """DataLoader workers per process: the CPU cores this process may use, shared among the processes, minus one
+    for the training loop itself; at least 0 and at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(1, world_size) - 1))
 
 
 def make_loader(dataset, args, device, train):
-    """DataLoader over a DefectDataset (skipped images dropped by ``collate_skip``); a larger batch to evaluate."""
-    generator = torch.Generator()
-    generator.manual_seed(args.seed)
-    return DataLoader(dataset, batch_size=args.batch_size if train else args.batch_size * 2, shuffle=train,
-                      drop_last=train and len(dataset) > args.batch_size, num_workers=args.num_workers,
+    """DataLoader over a DefectDataset (skipped images dropped by ``collate_skip``); a batch twice as large to
+    evaluate. Under torchrun, training uses ``DistributedSampler`` and evaluation ``ShardSampler``."""
+    workers = args.num_workers if args.num_workers >= 0 else default_workers(world_size())
+    sampler, generator = None, None
+    if is_distributed():
+        sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True) if train \
+            else ShardSampler(dataset)
+    elif train:
+        generator = torch.Generator()
+        generator.manual_seed(args.seed)
+    return DataLoader(dataset, batch_size=args.batch_size if train else args.batch_size * 2,
+                      shuffle=train and sampler is None, sampler=sampler,
+                      drop_last=train and len(dataset) > args.batch_size, num_workers=workers,
                       pin_memory=args.pin_mem and device.type == 'cuda', collate_fn=collate_skip,
-                      persistent_workers=args.num_workers > 0, generator=generator)
+                      persistent_workers=workers > 0, generator=generator)
 
 
-def make_dataset(frame, args, train):
+def make_cache(args, n_images, folder=None):
+    """ImageCache for --cache (None for none); its file goes into ``folder`` (a split folder's cache/) if given."""
+    side = cache_side(args.input_size, args.crop_pct)
+    mode = args.cache
+    if mode == 'auto':
+        mode = 'file' if cache_fits(n_images, side) else 'none'
+        if mode == 'none':
+            log.info(f'{n_images} images at {side} px do not fit in memory: decoding them each epoch')
+    if mode == 'none':
+        return None
+    return ImageCache(side, Path(folder) / f'images_{side}px.pkl' if mode == 'file' and folder else None)
+
+
+def cache_folder(data_path, args):
+    """Folder for the image cache file of a data path: ``<split folder>/cache`` (None for a plain folder)."""
+    path = Path(data_path)
+    if is_split_folder(path):
+        return path / 'cache'
+    if (path / 'list.csv').is_file() or (path / 'splits').is_dir():
+        return path / 'splits' / split_name(*args.test_val_ratio, args.seed) / 'cache'
+    return None
+
+
+def make_dataset(frame, args, train, cache=None):
     """DefectDataset with the transforms of ``args`` (one sample per image unless --use_bbox True)."""
-    return DefectDataset(frame if args.use_bbox else drop_boxes(frame), build_transform(train, args), in_chans=args.in_chans, padding=args.padding,
-                         padding_size=args.padding_size, use_shift=train and args.use_shift,
-                         strict=args.strict_images)
+    return DefectDataset(frame if args.use_bbox else drop_boxes(frame), build_transform(train, args),
+                         in_chans=args.in_chans, padding=args.padding, padding_size=args.padding_size,
+                         use_shift=train and args.use_shift, strict=args.strict_images, cache=cache)
+
+
+def prepare_model(model, args, device):
+    """Move a model to ``device`` (channels_last when asked) and wrap it for training/inference.
+
+    Returns:
+        (module to call: DDP under torchrun and/or torch.compile'd, memory format of the inputs).
+    """
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+    run_model = model
+    if is_distributed() and any(p.requires_grad for p in model.parameters()) and model.training:
+        run_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if args.compile:
+        try:
+            compiled = torch.compile(run_model)
+            with torch.no_grad():  # compile now, so that a failure falls back here and not mid-epoch
+                compiled(torch.zeros(2, args.in_chans, args.input_size, args.input_size, device=device)
+                         .to(memory_format=memory_format))
+            run_model = compiled
+        except Exception as e:  # compiler back ends raise many kinds of errors
+            log.warning(f'--compile True: torch.compile failed ({e.__class__.__name__}: '
+                        f'{str(e).splitlines()[0][:160] if str(e) else ""}); running eagerly')
+    return run_model, memory_format
 
 
 def check_output_dir(args):
@@ -236,14 +312,22 @@ def load_model_state(model, state_dict, path):
                         f'({first[0][:160] if first else "keys differ"})') from None
 
 
-def train(args, argv):
-    """Train with validation each epoch; write checkpoints, log.txt, TensorBoard events; test the best checkpoint."""
+def train(args):
+    """Train with validation each epoch; write checkpoints, log.txt, TensorBoard events; test the best checkpoint.
+
+    Under torchrun every process trains on its shard (DistributedDataParallel) and metrics are computed on the
+    predictions gathered from all processes; only rank 0 writes files.
+
+    Returns:
+        dict: the summary written to finished.json.
+    """
     from torch.utils.tensorboard import SummaryWriter
     check_output_dir(args)
     if not args.data_path:
         raise DataError('--data_path is required to train')
     out = Path(args.output_dir)
     device = resolve_device(args.device)
+    main_proc = is_main_process()
     seed_everything(args.seed)
     resume = args.resume[0] if args.resume else None
     if args.auto_resume and not resume and (out / 'checkpoint-last.pth').is_file():
@@ -252,27 +336,31 @@ def train(args, argv):
         print(f'{out}: run already finished; nothing to do')
         return json.loads((out / 'finished.json').read_text())
 
-    splits = load_splits(args.data_path, args.test_val_ratio, args.seed, args.label_list)
+    # rank 0 makes the split and the image cache file first; the others then reuse them
+    splits = main_first(lambda: load_splits(args.data_path, args.test_val_ratio, args.seed, args.label_list))
     train_frame = splits['train']
     if not len(train_frame) or not train_frame['label'].isin(LABELS).all():
         raise DataError(f'{args.data_path[0]}: the training split is empty or has unlabelled samples')
     log.info(f'train {label_counts(train_frame)}, val {label_counts(splits["val"]) if len(splits["val"]) else {}}, '
              f'test {label_counts(splits["test"]) if len(splits["test"]) else {}}')
     train_frame = upsample(train_frame, args.upsample, args.seed)
-    train_set, val_set = make_dataset(train_frame, args, True), make_dataset(splits['val'], args, False)
+    cache = make_cache(args, sum(len(f) for f in splits.values()), cache_folder(args.data_path[0], args))
+    train_set, val_set = main_first(lambda: (make_dataset(train_frame, args, True, cache),
+                                             make_dataset(splits['val'], args, False, cache)))
     train_loader = make_loader(train_set, args, device, True)
     val_loader = make_loader(val_set, args, device, False) if len(val_set) else None
 
     model = build_model(args)
     if args.finetune:
         load_pretrained(model, args.finetune, args.model_key)
-    model.to(device)
+    run_model, memory_format = prepare_model(model, args, device)
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     n_params = sum(p.numel() for p in model.parameters())
     updates_per_epoch = max(1, len(train_loader) // args.update_freq)
-    eff_batch = args.batch_size * args.update_freq
-    log.info(f'model {args.model}: {n_params / 1e6:.2f}M parameters; effective batch {eff_batch}, lr {args.lr:g}, '
-             f'{updates_per_epoch} updates per epoch, device {device}')
+    log.info(f'model {args.model}: {n_params / 1e6:.2f}M parameters; {world_size()} process(es) on {device}, '
+             f'effective batch {args.batch_size * args.update_freq * world_size()} '
+             f'({args.batch_size} x {args.update_freq} accumulation x {world_size()} processes), lr {args.lr:g}, '
+             f'{updates_per_epoch} updates per epoch, {train_loader.num_workers} loader worker(s)')
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, layer_decay=args.layer_decay,
                                     **({'eps': args.opt_eps} if args.opt_eps is not None else {}),
@@ -311,42 +399,43 @@ def train(args, argv):
         if ckpt.get('rng'):
             _restore_rng(ckpt['rng'])
         log.info(f'resumed from {resume} at epoch {start_epoch}')
-        if (out / 'log.txt').is_file():  # drop records of epochs after the checkpoint (killed before it was saved)
+        if main_proc and (out / 'log.txt').is_file():  # drop epochs after the checkpoint (killed before saving)
             kept = [line for line in (out / 'log.txt').read_text().splitlines()
                     if line.strip() and json.loads(line).get('epoch', -1) < start_epoch]
             atomic_write_text(''.join(f'{line}\n' for line in kept), out / 'log.txt')
 
-    out.mkdir(parents=True, exist_ok=True)
-    tb_dir = Path(args.log_dir or args.output_dir) / args.log_name
-    for folder in (out, tb_dir):  # the event folder describes its run too (load_board.py reads it)
-        atomic_write_json(vars(args), folder / 'args.json')
-    writer = SummaryWriter(log_dir=str(tb_dir),
-                           purge_step=start_epoch * len(train_loader) if start_epoch else None)
+    writer = None
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
+        tb_dir = Path(args.log_dir or args.output_dir) / args.log_name
+        for folder in (out, tb_dir):  # the event folder describes its run too (load_board.py reads it)
+            atomic_write_json(vars(args), folder / 'args.json')
+        writer = SummaryWriter(log_dir=str(tb_dir),
+                               purge_step=start_epoch * len(train_loader) if start_epoch else None)
     epoch = start_epoch - 1
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
-        seed_everything(args.seed + epoch)  # the same epoch sees the same order and augmentation, resumed or not
-        train_loader.generator.manual_seed(args.seed + epoch)
-        stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, lr_scheduler, scaler,
+        seed_everything(args.seed + epoch + 1000 * get_rank())  # same order and augmentation, resumed or not
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
+        else:
+            train_loader.generator.manual_seed(args.seed + epoch)
+        stats = train_one_epoch(run_model, criterion, train_loader, optimizer, device, epoch, lr_scheduler, scaler,
                                 model_ema, mixup_fn, args.update_freq, args.clip_grad, args.use_amp, args.amp_dtype,
-                                writer)
+                                writer, memory_format=memory_format)
         lr_scheduler.step(epoch + 1)
         record = {'epoch': epoch, 'train_loss': stats['loss'], 'lr': stats['lr'], 'train_images': stats['images']}
         state['skipped_images'] = max(state['skipped_images'], stats['skipped'])
         metrics = {}
         if val_loader is not None:
             metrics, _, _ = evaluate(model, val_loader, device, val_set.frame, args.conf, args.soft_label_ratio,
-                                     args.use_amp, args.amp_dtype, desc=f'val {epoch}')
+                                     args.use_amp, args.amp_dtype, f'val {epoch}', memory_format)
             record.update({f'val_{k}': v for k, v in metrics.items()})
             if model_ema is not None and args.model_ema_eval:
                 ema_metrics, _, _ = evaluate(model_ema.module, val_loader, device, val_set.frame, args.conf,
-                                             args.soft_label_ratio, args.use_amp, args.amp_dtype, desc='val ema')
+                                             args.soft_label_ratio, args.use_amp, args.amp_dtype, 'val ema',
+                                             memory_format)
                 record.update({f'val_ema_{k}': v for k, v in ema_metrics.items()})
-        for k, v in record.items():
-            if k.startswith('val_') and isinstance(v, float) and np.isfinite(v):
-                writer.add_scalar(f'val/{k[4:]}', v, epoch)
-        writer.add_scalar('train/epoch_loss', stats['loss'], epoch)
-        writer.flush()
         # without a validation split the last epoch counts as the best
         value = metrics.get(args.best_metric, float('nan'))
         improved = is_better(args.best_metric, value, state['best_metric']) if metrics else True
@@ -355,36 +444,48 @@ def train(args, argv):
         else:
             state['stale_epochs'] += 1
         record['time_s'] = round(time.time() - t0, 1)
-        if improved:
-            save_checkpoint(out / 'checkpoint-best.pth', model, optimizer, lr_scheduler, scaler, model_ema, epoch,
+        record['data_time_s'] = round(stats['data_time'], 1)
+        if main_proc:
+            for k, v in record.items():
+                if k.startswith('val_') and isinstance(v, float) and np.isfinite(v):
+                    writer.add_scalar(f'val/{k[4:]}', v, epoch)
+            writer.add_scalar('train/epoch_loss', stats['loss'], epoch)
+            writer.flush()
+            if improved:
+                save_checkpoint(out / 'checkpoint-best.pth', model, optimizer, lr_scheduler, scaler, model_ema,
+                                epoch, state, args)
+            save_checkpoint(out / 'checkpoint-last.pth', model, optimizer, lr_scheduler, scaler, model_ema, epoch,
                             state, args)
-        save_checkpoint(out / 'checkpoint-last.pth', model, optimizer, lr_scheduler, scaler, model_ema, epoch,
-                        state, args)
-        with open(out / 'log.txt', 'a') as f:
-            f.write(json.dumps(record) + '\n')
-        best = state['best_metric']
-        print(f'epoch {epoch + 1}/{args.epochs} loss {stats["loss"]:.4f} | val {format_metrics(metrics)} | '
-              f'best {args.best_metric} {best if best is None else round(best, 4)} (epoch {state["best_epoch"] + 1})'
-              f' | {record["time_s"]:.0f}s', flush=True)
+            with open(out / 'log.txt', 'a') as f:
+                f.write(json.dumps(record) + '\n')
+            best = state['best_metric']
+            print(f'epoch {epoch + 1}/{args.epochs} loss {stats["loss"]:.4f} | val {format_metrics(metrics)} | '
+                  f'best {args.best_metric} {best if best is None else round(best, 4)} '
+                  f'(epoch {state["best_epoch"] + 1}) | {record["time_s"]:.0f}s', flush=True)
         if args.early_stop and state['stale_epochs'] >= args.early_stop_epoch:
-            print(f'early stop: no better val {args.best_metric} for {args.early_stop_epoch} epochs')
+            if main_proc:
+                print(f'early stop: no better val {args.best_metric} for {args.early_stop_epoch} epochs')
             break
-    writer.close()
+    if writer is not None:
+        writer.close()
 
     summary = {'epochs_run': epoch + 1, 'best_epoch': state['best_epoch'] + 1, 'best_metric': args.best_metric,
                'best_value': state['best_metric'], 'skipped_images': state['skipped_images']}
+    barrier()  # checkpoint-best.pth is complete on disk
     if args.test and len(splits['test']) and (out / 'checkpoint-best.pth').is_file():
-        best_ckpt = read_checkpoint(out / 'checkpoint-best.pth')
-        model.load_state_dict(best_ckpt['model'])
-        test_set = make_dataset(splits['test'], args, False)
+        model.load_state_dict(read_checkpoint(out / 'checkpoint-best.pth')['model'])
+        test_set = make_dataset(splits['test'], args, False, cache)
         test_metrics, _, _ = evaluate(model, make_loader(test_set, args, device, False), device, test_set.frame,
-                                      args.conf, args.soft_label_ratio, args.use_amp, args.amp_dtype, desc='test')
-        atomic_write_json(test_metrics, out / 'metrics.json')
+                                      args.conf, args.soft_label_ratio, args.use_amp, args.amp_dtype, 'test',
+                                      memory_format)
         summary['test'] = test_metrics
-        print(f'test (best checkpoint, epoch {state["best_epoch"] + 1}): {format_metrics(test_metrics)}')
-    if state['skipped_images']:
-        print(f'warning: {state["skipped_images"]} unreadable image(s) skipped (see the log)')
-    atomic_write_json(summary, out / 'finished.json')
+        if main_proc:
+            atomic_write_json(test_metrics, out / 'metrics.json')
+            print(f'test (best checkpoint, epoch {state["best_epoch"] + 1}): {format_metrics(test_metrics)}')
+    if main_proc:
+        if state['skipped_images']:
+            print(f'warning: {state["skipped_images"]} unreadable image(s) skipped (see the log)')
+        atomic_write_json(summary, out / 'finished.json')
     return summary
 
 
@@ -423,18 +524,28 @@ def run_eval(args, explicit):
     data = args.eval_data_path or (args.data_path[0] if args.data_path else None)
     if not data:
         raise DataError('--eval True needs --eval_data_path (or --data_path)')
-    frame = load_eval_frame(data, args.eval_split, run_args.test_val_ratio, run_args.seed, run_args.label_list)
-    dataset = make_dataset(frame, run_args, False)
-    metrics, _, _ = evaluate(model.to(device), make_loader(dataset, run_args, device, False), device, dataset.frame,
-                             args.conf, run_args.soft_label_ratio, args.use_amp, args.amp_dtype)
+    frame = main_first(lambda: load_eval_frame(data, args.eval_split, run_args.test_val_ratio, run_args.seed,
+                                               run_args.label_list))
+    dataset = main_first(lambda: make_dataset(frame, run_args, False, eval_cache(data, run_args, len(frame))))
+    model, memory_format = prepare_model(model, run_args, device)
+    metrics, _, _ = evaluate(model, make_loader(dataset, run_args, device, False), device, dataset.frame,
+                             args.conf, run_args.soft_label_ratio, args.use_amp, args.amp_dtype, 'eval', memory_format)
     if not metrics.get('n'):
         raise DataError(f'{data}: no labelled image to evaluate; use --pred True for unlabelled images')
     out = Path(args.output_dir) if 'output_dir' in explicit else \
         Path(args.resume[0]).parent / 'eval' / f'{Path(data).resolve().name}_{args.eval_split}'
-    atomic_write_json(metrics, out / 'metrics.json')
-    print(f'{data} ({args.eval_split}, {metrics["n"]} images): {format_metrics(metrics)}')
-    print(f'metrics: {out / "metrics.json"}')
+    if is_main_process():
+        atomic_write_json(metrics, out / 'metrics.json')
+        print(f'{data} ({args.eval_split}, {metrics["n"]} images): {format_metrics(metrics)}')
+        print(f'metrics: {out / "metrics.json"}')
     return metrics
+
+
+def eval_cache(data, run_args, n_images):
+    """Image cache for evaluation/prediction: the split's cache file when the data is a prepared root, else none
+    (one pass over a plain folder gains nothing from a cache)."""
+    folder = cache_folder(data, run_args)
+    return make_cache(run_args, n_images, folder) if folder is not None and run_args.cache != 'none' else None
 
 
 def run_pred(args, explicit):
@@ -460,14 +571,18 @@ def run_pred(args, explicit):
                 raise DataError(f'{path}: --several_models needs checkpoints with the same --nb_classes')
             nb_classes = run_args.nb_classes
             if frame is None:
-                frame = load_eval_frame(data, args.eval_split, run_args.test_val_ratio, run_args.seed,
-                                        run_args.label_list)
-            dataset = make_dataset(frame, run_args, False)
-            probs, idx = predict_probs(model.to(device), make_loader(dataset, run_args, device, False), device,
-                                       args.use_amp, args.amp_dtype, desc=f'predict {Path(path).name}')
+                frame = main_first(lambda: load_eval_frame(data, args.eval_split, run_args.test_val_ratio,
+                                                           run_args.seed, run_args.label_list))
+            dataset = main_first(lambda: make_dataset(frame, run_args, False,
+                                                      eval_cache(data, run_args, len(frame))))
+            model, memory_format = prepare_model(model, run_args, device)
+            probs, idx = predict_probs(model, make_loader(dataset, run_args, device, False), device, args.use_amp,
+                                       args.amp_dtype, f'predict {Path(path).name}', memory_format)
             if indices is not None and not np.array_equal(idx, indices):
                 raise DataError(f'{path}: models saw different images (a corrupt image?); predict them one by one')
             probs_sum, indices = (probs if probs_sum is None else probs_sum + probs), idx
+        if not is_main_process():
+            continue
         report = write_prediction_report(frame, probs_sum / len(group), indices, nb_classes, out, args.conf,
                                          run_args.soft_label_ratio, args.pred_save, args.pred_save_with_conf,
                                          args.pred_eval, args.pred_eval_name)
@@ -489,11 +604,14 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s', force=True)
     explicit = explicit_flags(argv)
     check_args(args)
-    if args.pred:
-        return run_pred(args, explicit)
-    if args.eval:
-        return run_eval(args, explicit)
-    return train(args, argv)
+    try:
+        if args.pred:
+            return run_pred(args, explicit)
+        if args.eval:
+            return run_eval(args, explicit)
+        return train(args)
+    finally:
+        cleanup()
 
 
 if __name__ == '__main__':
