@@ -1,0 +1,98 @@
+"""Input pipeline: the decode-once image cache, worker defaults, channels_last and the --compile fallback."""
+import logging
+import os
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import main as cli
+from datasets import DefectDataset, ImageCache, build_transform, cache_side, load_splits
+from main import get_args_parser
+
+
+def args_for(*extra):
+    return get_args_parser().parse_args(['--input_size', '32', *extra])
+
+
+def test_cache_decodes_once_and_again_when_a_file_changes(elpv_small, tmp_path, caplog):
+    root = tmp_path / 'data'
+    shutil.copytree(elpv_small, root)
+    frame = load_splits([root], (0.25, 0.25), 0)['train']
+    side = cache_side(32, 1.0)
+    path = tmp_path / 'cache' / 'images.pkl'
+    with caplog.at_level(logging.INFO):
+        first = DefectDataset(frame, build_transform(False, args_for()), cache=ImageCache(side, path))
+    assert f'decoded {len(frame)} image(s)' in caplog.text and path.is_file()
+    img = first.cached[0]
+    assert img.dtype == np.uint8 and img.ndim == 2 and min(img.shape) == side  # ELPV is grayscale: one channel
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        again = DefectDataset(frame, build_transform(False, args_for()), cache=ImageCache(side, path))
+    assert 'decoded' not in caplog.text  # everything came from the file
+    assert all(np.array_equal(a, b) for a, b in zip(first.cached, again.cached))
+    changed = frame['path'].iloc[3]
+    cv2.imwrite(changed, np.full((300, 300), 255, np.uint8))
+    os.utime(changed, ns=(1, 10**18))  # a new modification time
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        third = DefectDataset(frame, build_transform(False, args_for()), cache=ImageCache(side, path))
+    assert 'decoded 1 image(s)' in caplog.text
+    assert third.cached[3].min() == 255 and np.array_equal(third.cached[0], first.cached[0])
+
+
+def test_cached_items_match_uncached_shapes_and_are_close(elpv_small):
+    frame = load_splits([elpv_small], (0.25, 0.25), 0)['val']
+    args = args_for('--crop_pct', '1.0')
+    plain = DefectDataset(frame, build_transform(False, args))
+    cached = DefectDataset(frame, build_transform(False, args), cache=ImageCache(cache_side(32)))
+    for i in range(len(frame)):
+        a, b = plain[i][0], cached[i][0]
+        assert a.shape == b.shape == (3, 32, 32)
+        assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.95
+
+
+def test_corrupt_image_in_cache_is_skipped(tmp_path):
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f'{i}.png'), np.full((40, 40, 3), 60 * i, np.uint8))
+    (tmp_path / '1.png').write_bytes(b'broken')
+    import pandas as pd
+    frame = pd.DataFrame({'path': [str(tmp_path / f'{i}.png') for i in range(3)], 'label': ['neg', 'pos', 'neg']})
+    ds = DefectDataset(frame, build_transform(False, args_for()), cache=ImageCache(36))
+    assert ds[1] is None and ds[0][0].shape == (3, 32, 32) and ds[2] is not None
+    assert ds.cached[0].shape == (36, 36, 3)  # colour kept as RGB
+
+
+def test_default_workers_leave_a_core_for_training():
+    cores = len(os.sched_getaffinity(0))
+    assert cli.default_workers(1) == max(0, min(8, cores - 1))
+    assert cli.default_workers(cores) == 0
+
+
+def test_channels_last_and_compile_fallback(monkeypatch, caplog):
+    from models import build_model
+
+    def broken(*a, **k):
+        raise RuntimeError('no compiler here')
+
+    monkeypatch.setattr(torch, 'compile', broken)
+    args = args_for('--compile', 'True', '--channels_last', 'True', '--model', 'convnext_atto')
+    model = build_model(args)
+    with caplog.at_level(logging.WARNING):
+        run_model, fmt = cli.prepare_model(model, args, torch.device('cpu'))
+    assert run_model is model and fmt == torch.channels_last
+    assert 'torch.compile failed (RuntimeError: no compiler here); running eagerly' in caplog.text
+    assert model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    assert run_model(x).shape == (2, 2)
+
+
+@pytest.mark.parametrize('mode,file_expected', [('file', True), ('memory', False), ('none', None)])
+def test_cache_modes(mode, file_expected, tmp_path):
+    cache = cli.make_cache(args_for('--cache', mode), 10, tmp_path)
+    if file_expected is None:
+        assert cache is None
+    else:
+        assert (cache.path is not None) == file_expected
