@@ -7,7 +7,7 @@ PY=${PYTHON:-.venv/bin/python}
 DATA=${DATA:-data/elpv}
 OUT=${OUT:-output/demo}
 EPOCHS=${EPOCHS:-10}
-SIZE=${SIZE:-160}
+SIZE=${SIZE:-192}
 start=$(date +%s)
 stamp() { echo "[demo] $1 ($(( $(date +%s) - start )) s since start)"; }
 
