@@ -52,7 +52,7 @@ def measure(opts, tuned):
     """Figures of one pipeline: dict of images/s, loader share, cache build seconds."""
     args = pipeline_args(opts, tuned)
     device = cli.resolve_device(args.device)
-    splits = load_splits([opts.data_path], args.test_val_ratio, args.seed)
+    splits = load_splits([opts.data_path], args.test_val_ratio, cli.split_seed(args))
     n_train = (opts.warmup + opts.steps) * args.batch_size
     frame = splits['train'].iloc[:n_train]
     t0 = time.perf_counter()
@@ -88,7 +88,7 @@ def measure(opts, tuned):
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / 'model.pth'
         torch.save({'model': model.state_dict(), 'args': vars(args)}, ckpt)
-        folder = Path(opts.data_path) / 'splits' / cli.split_name(*args.test_val_ratio, args.seed)
+        folder = Path(opts.data_path) / 'splits' / cli.split_name(*args.test_val_ratio, cli.split_seed(args))
         argv = ['--pred', 'True', '--resume', str(ckpt), '--eval_data_path', str(folder),
                 '--pred_save_path', str(Path(tmp) / 'pred'), '--pred_save', 'True', '--num_workers',
                 str(opts.num_workers), '--device', opts.device, '--use_amp', str(args.use_amp),

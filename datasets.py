@@ -445,6 +445,6 @@ def balanced_label_weights(frame):
     return out
 
 
-__all__ = ['DefectDataset', 'ImageCache', 'ImageReadError', 'cache_fits', 'cache_side', 'PerImageStandardize', 'balanced_label_weights', 'build_transform',
-           'check_files_exist', 'collate_skip', 'is_image', 'is_split_folder', 'label_counts', 'load_eval_frame',
-           'load_splits', 'read_image', 'upsample']
+__all__ = ['DefectDataset', 'ImageCache', 'ImageReadError', 'PerImageStandardize', 'balanced_label_weights',
+           'build_transform', 'cache_fits', 'cache_side', 'check_files_exist', 'collate_skip', 'is_image',
+           'is_split_folder', 'label_counts', 'load_eval_frame', 'load_splits', 'read_image', 'upsample']

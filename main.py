@@ -40,7 +40,8 @@ from utils import (DataError, atomic_torch_save, atomic_write_json, atomic_write
 log = logging.getLogger('main')
 # flags that describe the model and its input: for --eval/--pred they come from the checkpoint unless given
 CHECKPOINT_FLAGS = ('model', 'nb_classes', 'in_chans', 'input_size', 'normalize', 'crop_pct', 'use_bbox', 'padding',
-                    'padding_size', 'soft_label_ratio', 'test_val_ratio', 'seed', 'label_list', 'use_softlabel')
+                    'padding_size', 'soft_label_ratio', 'test_val_ratio', 'seed', 'split_seed', 'label_list',
+                    'use_softlabel')
 
 
 def get_args_parser():
@@ -129,7 +130,8 @@ def get_args_parser():
     g.add_argument('--log_name', default='tensorboard')
     g.add_argument('--best_metric', default='auroc', help='validation metric choosing checkpoint-best.pth')
     g.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
-    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--seed', type=int, default=0, help='training seed (and split seed unless --split_seed)')
+    g.add_argument('--split_seed', type=int, default=None, help='seed of the train/val/test split (default --seed)')
     g.add_argument('--resume', nargs='+', default=None, help='checkpoint(s): continue training, or --eval/--pred')
     g.add_argument('--auto_resume', type=str2bool, default=False, help='continue from OUTPUT/checkpoint-last.pth')
     g.add_argument('--use_amp', type=str2bool, default=False, help='bf16 autocast on CPU, fp16/bf16 on CUDA')
@@ -140,6 +142,14 @@ def get_args_parser():
     g.add_argument('--early_stop_epoch', type=int, default=10, help='epochs without improvement before stopping')
     g.add_argument('--eval', type=str2bool, default=False, help='evaluate --resume on --eval_data_path')
     g.add_argument('--test', type=str2bool, default=True, help='evaluate the best checkpoint on test after training')
+
+    g = p.add_argument_group('FCMAE pretraining (ConvNeXt V2, Woo et al. 2023)')
+    g.add_argument('--pretrain', type=str2bool, default=False,
+                   help='self-supervised FCMAE pretraining of --model (a convnextv2_* name) on the images')
+    g.add_argument('--mask_ratio', type=float, default=0.6, help='fraction of 32x32 patches masked')
+    g.add_argument('--decoder_depth', type=int, default=1)
+    g.add_argument('--decoder_embed_dim', type=int, default=512)
+    g.add_argument('--norm_pix_loss', type=str2bool, default=True, help='normalise each target patch')
 
     g = p.add_argument_group('prediction')
     g.add_argument('--pred', type=str2bool, default=False, help='prediction mode')
@@ -173,6 +183,13 @@ def check_args(args):
         raise DataError('--batch_size and --update_freq must be >= 1 and --epochs >= 0')
     if args.input_size % 32:
         raise DataError(f'--input_size must be a multiple of 32, got {args.input_size}')
+    if not 0 <= args.mask_ratio < 1:
+        raise DataError(f'--mask_ratio must lie in [0, 1), got {args.mask_ratio}')
+
+
+def split_seed(args):
+    """Seed of the data split: --split_seed, or --seed when it is not given (argparse.Namespace -> int)."""
+    return args.split_seed if getattr(args, 'split_seed', None) is not None else args.seed
 
 
 def resolve_device(name):
@@ -232,7 +249,7 @@ def cache_folder(data_path, args):
     if is_split_folder(path):
         return path / 'cache'
     if (path / 'list.csv').is_file() or (path / 'splits').is_dir():
-        return path / 'splits' / split_name(*args.test_val_ratio, args.seed) / 'cache'
+        return path / 'splits' / split_name(*args.test_val_ratio, split_seed(args)) / 'cache'
     return None
 
 
@@ -337,7 +354,7 @@ def train(args):
         return json.loads((out / 'finished.json').read_text())
 
     # rank 0 makes the split and the image cache file first; the others then reuse them
-    splits = main_first(lambda: load_splits(args.data_path, args.test_val_ratio, args.seed, args.label_list))
+    splits = main_first(lambda: load_splits(args.data_path, args.test_val_ratio, split_seed(args), args.label_list))
     train_frame = splits['train']
     if not len(train_frame) or not train_frame['label'].isin(LABELS).all():
         raise DataError(f'{args.data_path[0]}: the training split is empty or has unlabelled samples')
@@ -524,7 +541,7 @@ def run_eval(args, explicit):
     data = args.eval_data_path or (args.data_path[0] if args.data_path else None)
     if not data:
         raise DataError('--eval True needs --eval_data_path (or --data_path)')
-    frame = main_first(lambda: load_eval_frame(data, args.eval_split, run_args.test_val_ratio, run_args.seed,
+    frame = main_first(lambda: load_eval_frame(data, args.eval_split, run_args.test_val_ratio, split_seed(run_args),
                                                run_args.label_list))
     dataset = main_first(lambda: make_dataset(frame, run_args, False, eval_cache(data, run_args, len(frame))))
     model, memory_format = prepare_model(model, run_args, device)
@@ -572,7 +589,7 @@ def run_pred(args, explicit):
             nb_classes = run_args.nb_classes
             if frame is None:
                 frame = main_first(lambda: load_eval_frame(data, args.eval_split, run_args.test_val_ratio,
-                                                           run_args.seed, run_args.label_list))
+                                                           split_seed(run_args), run_args.label_list))
             dataset = main_first(lambda: make_dataset(frame, run_args, False,
                                                       eval_cache(data, run_args, len(frame))))
             model, memory_format = prepare_model(model, run_args, device)
@@ -609,6 +626,9 @@ def main(argv=None):
             return run_pred(args, explicit)
         if args.eval:
             return run_eval(args, explicit)
+        if args.pretrain:
+            import pretrain
+            return pretrain.run(args)
         return train(args)
     finally:
         cleanup()

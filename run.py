@@ -268,8 +268,8 @@ def run_sweep(sweep, dry_run=False, slurm_cluster=None, top=5):
 def finish(status_path, name, out, code, t0, states):
     """Record one run's outcome; a failure is printed with the tail of its log and the sweep goes on."""
     states[name] = run_state(out) if code == 0 else 'failed'
-    record(status_path, {'name': name, 'state': states[name], 'exit_code': code,
-                         'seconds': round(time.time() - t0, 1), 'log_tail': '' if code == 0 else tail(out / 'train.log')})
+    record(status_path, {'name': name, 'state': states[name], 'exit_code': code, 'seconds': round(time.time() - t0, 1),
+                         'log_tail': '' if code == 0 else tail(out / 'train.log')})
     if code != 0:
         print(f'  failed (exit code {code}); the tail of {out / "train.log"}:\n' +
               '\n'.join('    ' + line for line in tail(out / 'train.log', 8).splitlines()), flush=True)

@@ -174,3 +174,13 @@ def test_corrupt_training_image_skipped_and_counted(elpv_small, tmp_path):
                              '--test_val_ratio', '0', '0'))
     assert summary['skipped_images'] == 2
     assert json.loads((tmp_path / 'o' / 'finished.json').read_text())['skipped_images'] == 2
+
+
+def test_split_seed_separate_from_training_seed(elpv_small, tmp_path):
+    import shutil
+    root = tmp_path / 'data'
+    shutil.copytree(elpv_small, root, ignore=shutil.ignore_patterns('splits'))
+    run(train_argv(root, tmp_path / 'o', '--epochs', '1', '--seed', '5', '--split_seed', '0', '--test', 'False'))
+    assert [p.name for p in (root / 'splits').iterdir()] == ['test0.25_val0.25_seed0']
+    saved = json.loads((tmp_path / 'o' / 'args.json').read_text())
+    assert saved['seed'] == 5 and saved['split_seed'] == 0

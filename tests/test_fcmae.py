@@ -1,0 +1,90 @@
+"""FCMAE pretraining: masking, loss on masked patches only, masked dense convolution, training, finetune."""
+import json
+
+import pytest
+import torch
+
+import main as cli
+from conftest import train_argv
+from models import load_pretrained
+from models.fcmae import FCMAE, random_patch_mask, upsample_mask
+
+
+def tiny(**kw):
+    return FCMAE('convnextv2_atto', decoder_embed_dim=32, **kw).eval()
+
+
+@pytest.mark.parametrize('ratio', [0.0, 0.25, 0.6, 0.75])
+def test_masked_fraction_matches_ratio(ratio):
+    mask = random_patch_mask(8, 4, ratio)
+    assert mask.shape == (8, 16) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert (mask.sum(1) == round(16 * ratio)).all()
+    assert not torch.equal(mask[0], mask[1]) or ratio == 0.0
+    with pytest.raises(ValueError, match='mask_ratio'):
+        random_patch_mask(1, 4, 1.0)
+
+
+def test_model_masks_its_ratio():
+    model = tiny(mask_ratio=0.75)
+    _, pred, mask = model(torch.randn(2, 3, 64, 64))
+    assert pred.shape == (2, 4, 32 * 32 * 3) and (mask.sum(1) == 3).all()
+
+
+def test_loss_counts_masked_patches_only():
+    torch.manual_seed(0)
+    model = tiny(norm_pix_loss=False)
+    images = torch.randn(2, 3, 64, 64)
+    mask = torch.tensor([[1., 0., 0., 1.], [0., 1., 0., 0.]])
+    loss, pred, _ = model(images, mask)
+    target = model.patchify(images)
+    per_patch = ((pred - target) ** 2).mean(-1)
+    assert loss.item() == pytest.approx((per_patch * mask).sum().item() / 3, rel=1e-5)
+    # a perfect prediction on the visible patches changes nothing; on a masked patch it lowers the loss
+    fixed = pred.clone()
+    fixed[0, 1] = target[0, 1]
+    assert model.loss(images, fixed, mask).item() == pytest.approx(loss.item(), rel=1e-6)
+    fixed[0, 0] = target[0, 0]
+    assert model.loss(images, fixed, mask).item() < loss.item()
+
+
+def test_masked_pixels_do_not_reach_visible_features():
+    torch.manual_seed(0)
+    model = tiny()
+    images = torch.randn(1, 3, 128, 128)  # 4 x 4 patches
+    mask = torch.zeros(1, 16)
+    mask[0, [0, 5, 6, 15]] = 1
+    changed = images.clone()
+    pixel_mask = upsample_mask(mask, (128, 128)).bool().expand_as(images)
+    changed[pixel_mask] = torch.randn(int(pixel_mask.sum())) * 10
+    with torch.no_grad():
+        a, b = model.encoder(images, mask), model.encoder(changed, mask)
+        unmasked = model.encoder.encoder.forward_features(images)
+        unmasked_changed = model.encoder.encoder.forward_features(changed)
+    visible = ~upsample_mask(mask, a.shape[-2:]).bool().expand_as(a)
+    assert torch.allclose(a[visible], b[visible], atol=1e-5)
+    assert (a[~visible] == 0).all()
+    # without the mask the same change does reach the visible positions (the test can fail)
+    assert not torch.allclose(unmasked[visible], unmasked_changed[visible], atol=1e-3)
+
+
+def test_pretraining_loss_falls_and_encoder_finetunes(elpv_small, tmp_path):
+    out = tmp_path / 'fcmae'
+    argv = ['--pretrain', 'True', '--data_path', elpv_small, '--output_dir', out, '--model', 'convnextv2_atto',
+            '--input_size', '64', '--batch_size', '4', '--epochs', '6', '--num_workers', '0', '--lr', '2e-3', '--norm_pix_loss', 'False', '--normalize', 'imagenet',
+            '--warmup_epochs', '1', '--decoder_embed_dim', '64', '--drop_path', '0', '--test_val_ratio', '0.25',
+            '0.25', '--seed', '0']
+    cli.main([str(a) for a in argv])
+    records = [json.loads(x) for x in (out / 'log.txt').read_text().splitlines()]
+    losses = [r['pretrain_loss'] for r in records]
+    assert len(losses) == 6 and min(losses[-2:]) < 0.8 * losses[0], losses
+    assert records[0]['images'] == 20  # the 20 training images only (test and val unseen)
+    classifier = cli.build_model(cli.get_args_parser().parse_args(['--model', 'convnextv2_atto', '--nb_classes',
+                                                                   '4']))
+    report = load_pretrained(classifier, out / 'encoder.pth')
+    assert sorted(report['missing']) == ['head.fc.bias', 'head.fc.weight'] and report['unexpected'] == []
+    encoder = torch.load(out / 'encoder.pth', weights_only=True)['model']
+    assert torch.equal(classifier.stages[2].blocks[0].mlp.grn.weight, encoder['stages.2.blocks.0.mlp.grn.weight'])
+    # a classifier trains from it through --finetune
+    summary = cli.main([str(a) for a in train_argv(elpv_small, tmp_path / 'ft', '--model', 'convnextv2_atto',
+                                                   '--finetune', out / 'encoder.pth', '--epochs', '1')])
+    assert summary['epochs_run'] == 1
