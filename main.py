@@ -102,8 +102,9 @@ def get_args_parser():
     g.add_argument('--label_ratio', type=float, default=1.0, help='q: weight a certain label keeps')
     g.add_argument('--soft_type', type=int, default=1, choices=[1, 2])
     g.add_argument('--lossfn', default='CE', choices=LOSS_FUNCTIONS)
-    g.add_argument('--class_weight', default='balanced', choices=['none', 'balanced'],
-                   help='per-label loss weights from the training counts')
+    g.add_argument('--class_weight', default='none', choices=['none', 'balanced'],
+                   help='balanced: per-label loss weights n / (4 n_label) from the training counts (shifts P(defect) '
+                        'away from the data\'s prior, so it costs calibration)')
 
     g = p.add_argument_group('data')
     g.add_argument('--data_path', nargs='+', default=None, help='prepared roots or split folders (union)')
