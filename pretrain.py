@@ -12,6 +12,7 @@ folder gives every image below it, class folders or not. Labels are ignored. Eac
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -82,6 +83,8 @@ def run(args):
     cli.check_output_dir(args)
     if not args.data_path:
         raise DataError('--data_path is required to pretrain')
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        raise DataError('--pretrain True runs in one process; start it with python, not torchrun')
     if args.input_size % 32:
         raise DataError(f'--input_size must be a multiple of 32 for FCMAE, got {args.input_size}')
     out = Path(args.output_dir)
