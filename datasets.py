@@ -24,7 +24,7 @@ from torchvision import transforms
 
 from preprocess_data import (BOX_COLUMNS, SPLITS, crop_window, crop_with_padding, is_image, load_list,
                              prepare_split, scan_class_folders, scan_plain_folder, shift_window, validate_list)
-from softLabelLoss import LABEL_INDEX, LABELS
+from softLabelLoss import LABEL_INDEX, LABELS, label_indices
 from utils import DataError
 
 log = logging.getLogger('datasets')
@@ -245,8 +245,7 @@ class DefectDataset(Dataset):
                  cache=None):
         self.frame = frame.reset_index(drop=True)
         self.paths = self.frame['path'].tolist()
-        labels = self.frame['label'] if 'label' in self.frame.columns else pd.Series([None] * len(self.frame))
-        self.labels = np.array([LABEL_INDEX.get(x, -1) if isinstance(x, str) else -1 for x in labels], np.int64)
+        self.labels = label_indices(self.frame['label'] if 'label' in self.frame.columns else [None] * len(frame))
         has_box = all(c in self.frame.columns for c in BOX_COLUMNS)
         self.boxes = self.frame[BOX_COLUMNS].to_numpy(np.float64) if has_box else None
         self.transform, self.in_chans = transform, in_chans

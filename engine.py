@@ -14,7 +14,7 @@ from tqdm import tqdm
 from distributed import all_reduce_sum, gather_predictions, is_main_process
 from metrics import compute_metrics, reference_probabilities
 from plots import draw_graphs
-from softLabelLoss import LABEL_INDEX, LABELS, defect_probability, head_classes
+from softLabelLoss import LABELS, defect_probability, head_classes, label_indices
 from utils import atomic_write_csv
 
 log = logging.getLogger('engine')
@@ -76,10 +76,11 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, lr_sched
         with autocast_context(device, use_amp, amp_dtype):
             logits = model(images)
         loss = criterion(logits, labels, targets)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch}, step {it}; lower --lr or check data')
+        loss_value = loss.item()  # one device sync per step
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f'loss is {loss_value} at epoch {epoch}, step {it}; lower --lr or check data')
         seen += len(images)
-        losses.append(loss.item())
+        losses.append(loss_value)
         scaled = loss / update_freq
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if (it + 1) % update_freq == 0 or it + 1 == n_batches:
@@ -100,10 +101,10 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, lr_sched
                 model_ema.update(model, step=update_count)
         lr = optimizer.param_groups[0]['lr']
         if it % print_freq == 0:
-            bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{lr:.2e}')
+            bar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}')
         if writer is not None:
             step = epoch * n_batches + it
-            writer.add_scalar('train/loss', loss.item(), step)
+            writer.add_scalar('train/loss', loss_value, step)
             writer.add_scalar('train/lr', lr, step)
         t_wait = time.perf_counter()
     n_losses = all_reduce_sum(len(losses))
@@ -139,8 +140,7 @@ def predict_probs(model, loader, device, use_amp=False, amp_dtype='bfloat16', de
 
 def sample_info(frame, soft_label_ratio=0.7):
     """Labels, reference defect probabilities and types of a sample list, as arrays [N] aligned with its rows."""
-    labels = np.array([LABEL_INDEX.get(x, -1) if isinstance(x, str) else -1
-                       for x in (frame['label'] if 'label' in frame.columns else [None] * len(frame))], np.int64)
+    labels = label_indices(frame['label'] if 'label' in frame.columns else [None] * len(frame))
     annotated = frame['defect_prob'].to_numpy(np.float64) if 'defect_prob' in frame.columns else None
     reference = reference_probabilities(np.maximum(labels, 0), annotated, soft_label_ratio)
     types = frame['type'].to_numpy(object) if 'type' in frame.columns else None

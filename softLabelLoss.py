@@ -18,6 +18,7 @@ q = ``label_ratio``:
 
 P(defect) is p(pos) for a 2-class head and p(pos) + p(amb_pos) for a 4-class head (``defect_probability``).
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +30,15 @@ LOSS_FUNCTIONS = ('CE', 'BCE', 'MSE', 'L1')
 # Annotated probability of a defect for each label when the data set gives none: neg 0, pos 1, and for the
 # ambiguous ones the share of the defect class in their 2-class soft target.
 HARD_DEFECT_PROBABILITY = {'neg': 0.0, 'pos': 1.0}
+
+
+def label_indices(names):
+    """Label indices (LABELS order) of a sequence of label names; -1 for a missing or unknown one.
+
+    Returns:
+        int64 numpy array [N].
+    """
+    return np.array([LABEL_INDEX.get(x, -1) if isinstance(x, str) else -1 for x in names], np.int64)
 
 
 def check_ratio(name, value):
