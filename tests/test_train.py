@@ -184,3 +184,17 @@ def test_split_seed_separate_from_training_seed(elpv_small, tmp_path):
     assert [p.name for p in (root / 'splits').iterdir()] == ['test0.25_val0.25_seed0']
     saved = json.loads((tmp_path / 'o' / 'args.json').read_text())
     assert saved['seed'] == 5 and saved['split_seed'] == 0
+
+
+@pytest.mark.parametrize('nb_classes', [2, 4])
+def test_pos_neg_only_data(elpv_small, tmp_path, nb_classes):
+    root = tmp_path / 'data'
+    for label in ('neg', 'pos'):
+        shutil.copytree(elpv_small / label, root / label)  # class folders only, no list.csv
+    summary = run(train_argv(root, tmp_path / 'o', '--epochs', '1', '--nb_classes', nb_classes,
+                             '--use_softlabel', 'True'))
+    assert summary['test']['n'] == 5 and 'acc_amb_pos' not in summary['test']
+    run(['--pred', 'True', '--resume', tmp_path / 'o' / 'checkpoint-best.pth', '--eval_data_path', root,
+         '--pred_save_path', tmp_path / 'p', '--pred_eval', 'True', '--num_workers', '0'])
+    table = pd.read_csv(tmp_path / 'p' / 'predictions.csv')
+    assert set(table['label']) == {'neg', 'pos'} and (tmp_path / 'p' / 'graphs' / 'roc.png').is_file()
