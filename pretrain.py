@@ -54,7 +54,7 @@ def pretrain_one_epoch(model, loader, optimizer, device, epoch, lr_scheduler, us
         dict: loss (mean over batches), lr (last), images.
     """
     model.train()
-    n_batches, updates_per_epoch = len(loader), max(1, len(loader))
+    n_batches = len(loader)
     losses, seen = [], 0
     for it, batch in enumerate(tqdm(loader, desc=f'pretrain {epoch}', leave=False, mininterval=1.0, disable=None)):
         if batch is None:
@@ -62,17 +62,19 @@ def pretrain_one_epoch(model, loader, optimizer, device, epoch, lr_scheduler, us
         images = batch[0].to(device, non_blocking=True, memory_format=memory_format)
         with autocast_context(device, use_amp, amp_dtype):
             loss, _, _ = model(images)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f'FCMAE loss is {loss.item()} at epoch {epoch}, step {it}; lower --lr')
+        loss_value = loss.item()  # one device sync per step
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f'FCMAE loss is {loss_value} at epoch {epoch}, step {it}; lower --lr')
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        lr_scheduler.step_update(num_updates=epoch * updates_per_epoch + it + 1)
-        losses.append(loss.item())
+        step = epoch * n_batches + it
+        lr_scheduler.step_update(num_updates=step + 1)
+        losses.append(loss_value)
         seen += len(images)
         if writer is not None:
-            writer.add_scalar('pretrain/loss', loss.item(), epoch * n_batches + it)
-            writer.add_scalar('pretrain/lr', optimizer.param_groups[0]['lr'], epoch * n_batches + it)
+            writer.add_scalar('pretrain/loss', loss_value, step)
+            writer.add_scalar('pretrain/lr', optimizer.param_groups[0]['lr'], step)
     return {'loss': sum(losses) / max(1, len(losses)), 'lr': optimizer.param_groups[0]['lr'], 'images': seen}
 
 
