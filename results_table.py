@@ -1,0 +1,158 @@
+"""Test metrics of finished runs, mean and spread over seeds, as a CSV file and a markdown table.
+
+    python results_table.py --runs sweeps/elpv_recipe/runs sweeps/elpv_recipe_fcmae/runs --out csv/elpv_table.csv
+
+Every folder below ``--runs`` with ``args.json`` and ``metrics.json`` (what ``main.py`` writes after its test
+evaluation) is one run. Runs whose arguments differ only in ``--seed`` (and in their output folders) form one row;
+the row gives the mean and the sample standard deviation over its runs of each test metric, and the mean wall time
+of a run. The wall time is the process time that ``run.py`` recorded in its sweep's ``status.csv`` (the sum of the
+epoch times in ``log.txt`` when there is none); a run fine-tuned from an FCMAE encoder (``--finetune`` pointing at
+the ``encoder.pth`` of a ``--pretrain True`` run) also counts that pretraining's wall time once per run.
+"""
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from utils import DataError, atomic_write_csv, atomic_write_text, run_cli
+
+METRICS = ('acc', 'auroc', 'f1', 'ece', 'brier', 'acc4')
+# Arguments that differ between the seeds of one set-up without changing it.
+PER_RUN = {'seed', 'output_dir', 'log_dir', 'log_name', 'resume', 'auto_resume', 'start_epoch'}
+
+
+def read_json(path):
+    """A JSON file as a dict.
+
+    Raises:
+        DataError: unreadable or invalid JSON, naming the file.
+    """
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f'{path}: unreadable JSON ({e.__class__.__name__}: {e})') from None
+
+
+def wall_time(run_dir):
+    """Seconds one run took: ``run.py``'s status.csv entry, else the sum of ``time_s`` in log.txt, else NaN."""
+    run_dir = Path(run_dir)
+    status = run_dir.parent.parent / 'status.csv'
+    if status.is_file():
+        table = pd.read_csv(status)
+        row = table[(table['name'] == run_dir.name) & (table['exit_code'] == 0)]
+        if len(row):
+            return float(row['seconds'].iloc[-1])
+    log = run_dir / 'log.txt'
+    if log.is_file():
+        times = [json.loads(line).get('time_s', 0.0) for line in log.read_text().splitlines() if line.strip()]
+        return float(sum(times))
+    return math.nan
+
+
+def pretrain_time(finetune):
+    """Wall time (s) of the FCMAE run that wrote ``finetune`` (its ``encoder.pth``), 0 for anything else."""
+    if not finetune:
+        return 0.0
+    folder = Path(finetune).parent
+    if not Path(finetune).is_file():
+        print(f'warning: {finetune}: encoder not found, its pretraining time is not counted')
+        return 0.0
+    args_path = folder / 'args.json'
+    if Path(finetune).name != 'encoder.pth' or not args_path.is_file() or not read_json(args_path).get('pretrain'):
+        return 0.0
+    return wall_time(folder)
+
+
+def collect(roots):
+    """One record per finished run below ``roots``: its arguments, test metrics and wall time.
+
+    Returns:
+        list of dicts with ``args`` (dict), ``metrics`` (dict of float), ``seconds`` (float, pretraining included),
+        ``dir`` (Path).
+
+    Raises:
+        DataError: a root that does not exist, or no finished run below the roots.
+    """
+    records = []
+    for root in roots:
+        if not Path(root).is_dir():
+            raise DataError(f'{root}: no such folder')
+        for metrics_path in sorted(Path(root).rglob('metrics.json')):
+            run_dir = metrics_path.parent
+            if not (run_dir / 'args.json').is_file():
+                continue
+            args = read_json(run_dir / 'args.json')
+            seconds = wall_time(run_dir) + pretrain_time(args.get('finetune'))
+            records.append({'args': args, 'metrics': read_json(metrics_path), 'seconds': seconds, 'dir': run_dir})
+    if not records:
+        raise DataError(f'no finished run (args.json + metrics.json) below {", ".join(map(str, roots))}')
+    return records
+
+
+def setup_key(args):
+    """The arguments that define a set-up (everything but seed and output places), as a hashable JSON string."""
+    return json.dumps({k: v for k, v in sorted(args.items()) if k not in PER_RUN}, sort_keys=True, default=str)
+
+
+def table(records):
+    """Group runs by set-up and summarise them.
+
+    Returns:
+        pandas.DataFrame, one row per set-up in first-seen order: ``setup`` (the arguments that differ between
+        set-ups, ``flag=value``), ``runs``, ``seeds``, ``<metric>_mean`` / ``<metric>_std`` for each of METRICS
+        present (sample standard deviation, NaN with one run), ``minutes`` (mean wall time per run).
+    """
+    groups = {}
+    for r in records:
+        groups.setdefault(setup_key(r['args']), []).append(r)
+    keys = [json.loads(k) for k in groups]
+    varying = sorted({f for k in keys for f in k if any(k.get(f) != other.get(f) for other in keys)})
+    rows = []
+    for key, runs in zip(keys, groups.values()):
+        row = {'setup': ' '.join(f'{f}={key.get(f)}' for f in varying) or 'all',
+               'runs': len(runs), 'seeds': ' '.join(str(r['args'].get('seed')) for r in runs)}
+        for m in METRICS:
+            values = pd.Series([r['metrics'][m] for r in runs if m in r['metrics']], dtype=float)
+            if len(values):
+                row[f'{m}_mean'], row[f'{m}_std'] = values.mean(), values.std(ddof=1)
+        row['minutes'] = pd.Series([r['seconds'] for r in runs]).mean() / 60
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown(df):
+    """The table as markdown: ``mean ± std`` per metric (``-`` where a set-up has no such metric)."""
+    metrics = [m for m in METRICS if f'{m}_mean' in df]
+    lines = ['| setup | runs | ' + ' | '.join(metrics) + ' | minutes per run |',
+             '|---|---|' + '---|' * len(metrics) + '---|']
+    for _, row in df.iterrows():
+        cells = []
+        for m in metrics:
+            mean, std = row.get(f'{m}_mean'), row.get(f'{m}_std')
+            cells.append('-' if pd.isna(mean) else f'{mean:.3f}' + ('' if pd.isna(std) else f' ± {std:.3f}'))
+        lines.append(f'| {row["setup"]} | {row["runs"]} | ' + ' | '.join(cells) + f' | {row["minutes"]:.1f} |')
+    return '\n'.join(lines) + '\n'
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('Test metrics of finished runs, mean and spread over seeds', add_help=True)
+    p.add_argument('--runs', nargs='+', required=True, help='folders holding run folders (e.g. SWEEP/runs)')
+    p.add_argument('--out', default='csv/results.csv', help='CSV written here; the markdown beside it (.md)')
+    return p
+
+
+def main(argv=None):
+    """Entry point: print the markdown table and write it with the CSV; returns the DataFrame."""
+    args = get_args_parser().parse_args(argv)
+    df = table(collect(args.runs))
+    text = markdown(df)
+    atomic_write_csv(df, args.out)
+    atomic_write_text(text, Path(args.out).with_suffix('.md'))
+    print(text, end='')
+    return df
+
+
+if __name__ == '__main__':
+    run_cli(main)

@@ -1,0 +1,67 @@
+"""results_table.py on a real sweep (2 set-ups x 2 seeds) and on hand-made run folders."""
+import json
+import math
+
+import pandas as pd
+import pytest
+
+import results_table
+import run as sweeps
+from utils import DataError
+
+TINY = ('--model convnext_atto --input_size 32 --batch_size 8 --num_workers 0 --test_val_ratio 0.25 0.25 '
+        '--drop_path 0 --warmup_epochs 0 --epochs 1')
+
+
+def test_real_sweep_grouped_by_setup_mean_and_spread_over_seeds(elpv_small, tmp_path, capsys):
+    sweep_dir = tmp_path / 'sweep'
+    sweeps.main(['--sweep_dir', str(sweep_dir), '--base', f'--data_path {elpv_small} {TINY}',
+                 '--grid', 'seed=0,1', 'nb_classes=2,4'])
+    out = tmp_path / 'csv' / 'table.csv'
+    df = results_table.main(['--runs', str(sweep_dir / 'runs'), '--out', str(out)])
+    assert list(df['setup']) == ['nb_classes=2', 'nb_classes=4'] and list(df['runs']) == [2, 2]
+    status = pd.read_csv(sweep_dir / 'status.csv').set_index('name')
+    for _, row in df.iterrows():
+        nb = row['setup'].split('=')[1]
+        runs = [sweep_dir / 'runs' / f'nb_classes-{nb}_seed-{s}' for s in (0, 1)]
+        acc = [json.loads((r / 'metrics.json').read_text())['acc'] for r in runs]
+        assert row['acc_mean'] == pytest.approx(sum(acc) / 2)
+        assert row['acc_std'] == pytest.approx(abs(acc[0] - acc[1]) / math.sqrt(2))
+        assert row['minutes'] == pytest.approx(sum(status.loc[r.name, 'seconds'] for r in runs) / 2 / 60)
+    assert math.isnan(df.loc[0, 'acc4_mean']) and not math.isnan(df.loc[1, 'acc4_mean'])  # 4-class head only
+    text = (tmp_path / 'csv' / 'table.md').read_text()
+    assert text in capsys.readouterr().out
+    line2 = [x for x in text.splitlines() if x.startswith('| nb_classes=2')][0]
+    assert line2.split('|')[-3].strip() == '-' and ' ± ' in line2  # acc4 cell of the 2-class row
+    assert pd.read_csv(out)['runs'].tolist() == [2, 2]
+
+
+def fake_run(folder, args, metrics=None, log_times=()):
+    folder.mkdir(parents=True)
+    (folder / 'args.json').write_text(json.dumps(args))
+    if metrics is not None:
+        (folder / 'metrics.json').write_text(json.dumps(metrics))
+    (folder / 'log.txt').write_text(''.join(json.dumps({'epoch': i, 'time_s': t}) + '\n'
+                                            for i, t in enumerate(log_times)))
+
+
+def test_pretraining_time_counted_and_bad_input(tmp_path):
+    pre = tmp_path / 'fcmae' / 'runs' / 'seed-0'
+    fake_run(pre, {'pretrain': True, 'seed': 0}, log_times=(60, 60, 60))
+    (pre / 'encoder.pth').write_bytes(b'x')
+    (tmp_path / 'fcmae' / 'status.csv').write_text('name,state,exit_code,seconds,log_tail\nseed-0,finished,0,600.0,\n')
+    runs = tmp_path / 'ft' / 'runs'
+    for seed, acc in ((0, 0.7), (1, 0.8)):
+        fake_run(runs / f's{seed}', {'seed': seed, 'finetune': str(pre / 'encoder.pth'), 'output_dir': f'o{seed}'},
+                 {'acc': acc}, log_times=(30, 30))
+    df = results_table.table(results_table.collect([runs]))
+    assert len(df) == 1 and df.loc[0, 'setup'] == 'all'
+    assert df.loc[0, 'minutes'] == pytest.approx((600 + 60) / 60)  # status.csv beats the log's epoch times
+    assert df.loc[0, 'acc_mean'] == pytest.approx(0.75)
+    (runs / 's1' / 'metrics.json').write_text('{not json')
+    with pytest.raises(DataError, match='s1/metrics.json: unreadable JSON'):
+        results_table.collect([runs])
+    with pytest.raises(DataError, match='no finished run'):
+        results_table.collect([tmp_path / 'fcmae'])
+    with pytest.raises(DataError, match='no such folder'):
+        results_table.collect([tmp_path / 'missing'])
