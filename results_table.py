@@ -96,12 +96,17 @@ def setup_key(args):
     return json.dumps({k: v for k, v in sorted(args.items()) if k not in PER_RUN}, sort_keys=True, default=str)
 
 
+def shown(value):
+    """A flag value in a set-up label: ``none`` for an empty or missing value, else ``str(value)``."""
+    return 'none' if value in ('', None) else str(value)
+
+
 def table(records):
     """Group runs by set-up and summarise them.
 
     Returns:
         pandas.DataFrame, one row per set-up in first-seen order: ``setup`` (the arguments that differ between
-        set-ups, ``flag=value``), ``runs``, ``seeds``, ``<metric>_mean`` / ``<metric>_std`` for each of METRICS
+        set-ups, ``flag=value``, an empty value shown as ``none``), ``runs``, ``seeds``, ``<metric>_mean`` / ``<metric>_std`` for each of METRICS
         present (sample standard deviation, NaN with one run), ``minutes`` (mean wall time per run).
     """
     groups = {}
@@ -111,7 +116,7 @@ def table(records):
     varying = sorted({f for k in keys for f in k if any(k.get(f) != other.get(f) for other in keys)})
     rows = []
     for key, runs in zip(keys, groups.values()):
-        row = {'setup': ' '.join(f'{f}={key.get(f)}' for f in varying) or 'all',
+        row = {'setup': ' '.join(f'{f}={shown(key.get(f))}' for f in varying) or 'all',
                'runs': len(runs), 'seeds': ' '.join(str(r['args'].get('seed')) for r in runs)}
         for m in METRICS:
             values = pd.Series([r['metrics'][m] for r in runs if m in r['metrics']], dtype=float)

@@ -58,6 +58,10 @@ def test_pretraining_time_counted_and_bad_input(tmp_path):
     assert len(df) == 1 and df.loc[0, 'setup'] == 'all'
     assert df.loc[0, 'minutes'] == pytest.approx((600 + 60) / 60)  # status.csv beats the log's epoch times
     assert df.loc[0, 'acc_mean'] == pytest.approx(0.75)
+    fake_run(runs / 'scratch', {'seed': 0, 'finetune': '', 'output_dir': 'o'}, {'acc': 0.6}, log_times=(30, 30))
+    df = results_table.table(results_table.collect([runs])).set_index('setup')
+    assert df.loc['finetune=none', 'minutes'] == pytest.approx(1.0)  # no pretraining to count
+    assert df.loc[f'finetune={pre / "encoder.pth"}', 'runs'] == 2
     (runs / 's1' / 'metrics.json').write_text('{not json')
     with pytest.raises(DataError, match='s1/metrics.json: unreadable JSON'):
         results_table.collect([runs])
