@@ -25,7 +25,7 @@ from torchvision import transforms
 from preprocess_data import (BOX_COLUMNS, SPLITS, crop_window, crop_with_padding, is_image, load_list,
                              prepare_split, scan_class_folders, scan_plain_folder, shift_window, validate_list)
 from softLabelLoss import LABEL_INDEX, LABELS, label_indices
-from utils import DataError
+from utils import DataError, atomic_write_pickle
 
 log = logging.getLogger('datasets')
 cv2.setNumThreads(0)  # DataLoader workers already run in parallel
@@ -190,8 +190,8 @@ class ImageCache:
         """
         keys = [(str(p), tuple(w) if w is not None else None) for p, w in zip(paths, windows)]
         stamps = [self.stamp(p) for p in paths]
-        todo = sorted({k for k, st in zip(keys, stamps) if st is not None and
-                       (k not in self.entries or self.entries[k][0] != st)})
+        todo = dict(sorted((k, st) for k, st in zip(keys, stamps) if st is not None and
+                           (k not in self.entries or self.entries[k][0] != st)))
 
         def work(key):
             try:
@@ -204,7 +204,7 @@ class ImageCache:
             t0 = time.time()
             with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
                 for key, img in pool.map(work, todo):
-                    self.entries[key] = (self.stamp(key[0]), img)
+                    self.entries[key] = (todo[key], img)
             log.info(f'decoded {len(todo)} image(s) at {self.side} px in {time.time() - t0:.1f}s'
                      + (f', cache {self.path}' if self.path else ''))
             if self.path:
@@ -213,11 +213,7 @@ class ImageCache:
 
     def save(self):
         """Write the cache file atomically."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f'.{self.path.name}.{os.getpid()}.tmp')
-        with open(tmp, 'wb') as f:
-            pickle.dump({'side': self.side, 'entries': self.entries}, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, self.path)
+        atomic_write_pickle({'side': self.side, 'entries': self.entries}, self.path)
 
 
 def cache_fits(n_images, side, fraction=0.25):

@@ -3,6 +3,7 @@ import argparse
 import json
 import logging
 import os
+import pickle
 import sys
 import random
 import tempfile
@@ -62,6 +63,11 @@ def atomic_write_json(obj, path):
 def atomic_write_text(text, path):
     """Write a string to a file atomically."""
     _atomic(path, lambda f: f.write(text))
+
+
+def atomic_write_pickle(obj, path):
+    """``pickle.dump`` (highest protocol) atomically."""
+    _atomic(path, lambda f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL), mode='wb')
 
 
 def atomic_torch_save(obj, path):
