@@ -331,6 +331,22 @@ def load_model_state(model, state_dict, path):
                         f'({first[0][:160] if first else "keys differ"})') from None
 
 
+def resume_point(args):
+    """Where a run in ``--output_dir`` starts: ``--resume``, else with ``--auto_resume`` its checkpoint-last.pth.
+
+    Returns:
+        (checkpoint path or None, the finished.json summary when ``--auto_resume`` finds the run finished, else None).
+    """
+    out = Path(args.output_dir)
+    if args.auto_resume and (out / 'finished.json').is_file():
+        print(f'{out}: run already finished; nothing to do')
+        return None, json.loads((out / 'finished.json').read_text())
+    if args.resume:
+        return args.resume[0], None
+    last = out / 'checkpoint-last.pth'
+    return (str(last) if args.auto_resume and last.is_file() else None), None
+
+
 def train(args):
     """Train with validation each epoch; write checkpoints, log.txt, TensorBoard events; test the best checkpoint.
 
@@ -348,12 +364,9 @@ def train(args):
     device = resolve_device(args.device)
     main_proc = is_main_process()
     seed_everything(args.seed)
-    resume = args.resume[0] if args.resume else None
-    if args.auto_resume and not resume and (out / 'checkpoint-last.pth').is_file():
-        resume = str(out / 'checkpoint-last.pth')
-    if (out / 'finished.json').is_file() and args.auto_resume:
-        print(f'{out}: run already finished; nothing to do')
-        return json.loads((out / 'finished.json').read_text())
+    resume, finished = resume_point(args)
+    if finished is not None:
+        return finished
 
     # rank 0 makes the split and the image cache file first; the others then reuse them
     splits = main_first(lambda: load_splits(args.data_path, args.test_val_ratio, split_seed(args), args.label_list))
@@ -564,7 +577,7 @@ def eval_cache(data, run_args, n_images):
     """Image cache for evaluation/prediction: the split's cache file when the data is a prepared root, else none
     (one pass over a plain folder gains nothing from a cache)."""
     folder = cache_folder(data, run_args)
-    return make_cache(run_args, n_images, folder) if folder is not None and run_args.cache != 'none' else None
+    return make_cache(run_args, n_images, folder) if folder is not None else None
 
 
 def run_pred(args, explicit):

@@ -90,9 +90,9 @@ def run(args):
     if args.input_size % 32:
         raise DataError(f'--input_size must be a multiple of 32 for FCMAE, got {args.input_size}')
     out = Path(args.output_dir)
-    if (out / 'finished.json').is_file() and args.auto_resume:
-        print(f'{out}: pretraining already finished; nothing to do')
-        return json.loads((out / 'finished.json').read_text())
+    resume, finished = cli.resume_point(args)
+    if finished is not None:
+        return finished
     device = cli.resolve_device(args.device)
     seed_everything(args.seed)
     frame = pd.concat([pretrain_frame(p, args) for p in args.data_path], ignore_index=True)
@@ -104,8 +104,7 @@ def run(args):
                       args.norm_pix_loss, args.drop_path)
     except ValueError as e:
         raise DataError(f'--model {args.model}: {e}') from None
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model.to(device, memory_format=memory_format)
+    run_model, memory_format = cli.prepare_model(model, args, device)
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     betas=(0.9, 0.95))
     lr_scheduler, _ = create_scheduler_v2(optimizer, sched=args.sched, num_epochs=args.epochs,
@@ -115,8 +114,6 @@ def run(args):
     log.info(f'FCMAE {args.model}: {len(dataset)} images, mask ratio {args.mask_ratio}, decoder '
              f'{args.decoder_depth} x {args.decoder_embed_dim}, {len(loader)} steps per epoch on {device}')
     start_epoch = 0
-    resume = args.resume[0] if args.resume else (str(out / 'checkpoint-last.pth') if args.auto_resume and
-                                                 (out / 'checkpoint-last.pth').is_file() else None)
     if resume:
         ckpt = cli.read_checkpoint(resume)
         cli.load_model_state(model, ckpt['model'], resume)
@@ -133,7 +130,7 @@ def run(args):
         t0 = time.time()
         seed_everything(args.seed + epoch)
         loader.generator.manual_seed(args.seed + epoch)
-        stats = pretrain_one_epoch(model, loader, optimizer, device, epoch, lr_scheduler, args.use_amp,
+        stats = pretrain_one_epoch(run_model, loader, optimizer, device, epoch, lr_scheduler, args.use_amp,
                                    args.amp_dtype, writer, memory_format)
         lr_scheduler.step(epoch + 1)
         cli.save_checkpoint(out / 'checkpoint-last.pth', model, optimizer, lr_scheduler, None, None, epoch, {}, args)

@@ -56,7 +56,7 @@ class MaskedEncoder(nn.Module):
         if not isinstance(encoder, ConvNeXt):
             raise ValueError('FCMAE needs a timm ConvNeXt encoder (convnextv2_*)')
         self.encoder = encoder
-        self._mask = None
+        self._mask, self._keep = None, {}
         mixers = [encoder.stem[0]]
         for stage in encoder.stages:
             if isinstance(stage.downsample, nn.Sequential):
@@ -74,18 +74,19 @@ class MaskedEncoder(nn.Module):
             return None
         x = inputs[0]
         channels_last = getattr(module, 'channel_dim', 1) == -1  # GRN inside an NHWC MLP
-        size = x.shape[1:3] if channels_last else x.shape[-2:]
-        keep = 1.0 - upsample_mask(self._mask, size).to(x.dtype)
-        if channels_last:
-            keep = keep.permute(0, 2, 3, 1)
-        return (x * keep,) + tuple(inputs[1:])
+        size = tuple(x.shape[1:3] if channels_last else x.shape[-2:])
+        key = (size, x.dtype, channels_last)
+        if key not in self._keep:  # one keep map per resolution and layout per forward, shared by its layers
+            keep = 1.0 - upsample_mask(self._mask, size).to(x.dtype)
+            self._keep[key] = keep.permute(0, 2, 3, 1) if channels_last else keep
+        return (x * self._keep[key],) + tuple(inputs[1:])
 
     def forward(self, x, mask):
-        self._mask = mask
+        self._mask, self._keep = mask, {}
         try:
             features = self.encoder.forward_features(x)
         finally:
-            self._mask = None
+            self._mask, self._keep = None, {}
         return features * (1.0 - upsample_mask(mask, features.shape[-2:]).to(features.dtype))
 
 
