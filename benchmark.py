@@ -21,9 +21,11 @@ import torch
 from torch.utils.data import Subset
 
 import main as cli
+import runtime
 from datasets import load_splits
 from engine import predict_probs, train_one_epoch
 from models import build_model
+from preprocess_data import split_name
 from softLabelLoss import SoftLabelLoss
 from utils import run_cli, str2bool
 
@@ -51,26 +53,25 @@ def pipeline_args(opts, tuned):
 def measure(opts, tuned):
     """Figures of one pipeline: dict of images/s, loader share, cache build seconds."""
     args = pipeline_args(opts, tuned)
-    device = cli.resolve_device(args.device)
-    splits = load_splits([opts.data_path], args.test_val_ratio, cli.split_seed(args))
+    dev = runtime.device_settings(args)
+    splits = load_splits([opts.data_path], args.test_val_ratio, runtime.split_seed(args))
     n_train = (opts.warmup + opts.steps) * args.batch_size
     frame = splits['train'].iloc[:n_train]
     t0 = time.perf_counter()
-    cache = cli.make_cache(args, len(frame) + len(splits['test'])) if tuned else None
-    train_set = cli.make_dataset(frame, args, True, cache)
-    eval_set = cli.make_dataset(splits['test'], args, False, cache)
+    cache = runtime.make_cache(args, len(frame) + len(splits['test'])) if tuned else None
+    train_set = runtime.make_dataset(frame, args, True, cache)
+    eval_set = runtime.make_dataset(splits['test'], args, False, cache)
     cache_s = time.perf_counter() - t0
     model = build_model(args)
-    run_model, memory_format = cli.prepare_model(model, args, device)
+    run_model = runtime.prepare_model(model, args, dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    criterion = SoftLabelLoss(args.nb_classes).to(device)
+    criterion = SoftLabelLoss(args.nb_classes).to(dev.device)
 
     def epoch(dataset):
-        loader = cli.make_loader(dataset, args, device, True)
+        loader = runtime.make_loader(dataset, args, dev.device, True)
         start = time.perf_counter()
-        stats = train_one_epoch(run_model, criterion, loader, optimizer, device, 0, use_amp=args.use_amp,
-                                amp_dtype=args.amp_dtype, memory_format=memory_format)
-        if device.type == 'cuda':
+        stats = train_one_epoch(run_model, criterion, loader, optimizer, dev, 0)
+        if dev.device.type == 'cuda':
             torch.cuda.synchronize()
         return stats, time.perf_counter() - start
 
@@ -79,16 +80,16 @@ def measure(opts, tuned):
     out = {'train img/s': stats['images'] / seconds, 'loader share': stats['data_time'] / seconds,
            'cache build s': cache_s}
 
-    loader = cli.make_loader(eval_set, args, device, False)
-    predict_probs(model, loader, device, args.use_amp, args.amp_dtype, memory_format=memory_format)  # warm-up
+    loader = runtime.make_loader(eval_set, args, dev.device, False)
+    predict_probs(model, loader, dev)  # warm-up
     start = time.perf_counter()
-    probs, _ = predict_probs(model, loader, device, args.use_amp, args.amp_dtype, memory_format=memory_format)
+    probs, _ = predict_probs(model, loader, dev)
     out['eval img/s'] = len(probs) / (time.perf_counter() - start)
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / 'model.pth'
         torch.save({'model': model.state_dict(), 'args': vars(args)}, ckpt)
-        folder = Path(opts.data_path) / 'splits' / cli.split_name(*args.test_val_ratio, cli.split_seed(args))
+        folder = Path(opts.data_path) / 'splits' / split_name(*args.test_val_ratio, runtime.split_seed(args))
         argv = ['--pred', 'True', '--resume', str(ckpt), '--eval_data_path', str(folder),
                 '--pred_save_path', str(Path(tmp) / 'pred'), '--pred_save', 'True', '--num_workers',
                 str(opts.num_workers), '--device', opts.device, '--use_amp', str(args.use_amp),
@@ -137,7 +138,7 @@ def main(argv=None):
     if opts.compare:
         results['plain'] = measure_in_child(argv, 'plain')
     keys = ['train img/s', 'loader share', 'eval img/s', 'predict img/s', 'cache build s', 'peak RSS MiB']
-    device = cli.resolve_device(opts.device)
+    device = runtime.resolve_device(opts.device)
     print(f'\n{opts.model} {opts.input_size} px, batch {opts.batch_size}, {opts.steps} steps, {device}, '
           f'{torch.get_num_threads()} threads, torch {torch.__version__}')
     print(f'{"":16s}' + ''.join(f'{k:>14s}' for k in results) + ('      ratio' if opts.compare else ''))

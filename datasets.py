@@ -22,54 +22,15 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from torch.utils.data import Dataset, default_collate
 from torchvision import transforms
 
-from preprocess_data import (BOX_COLUMNS, SPLITS, crop_window, crop_with_padding, is_image, load_list,
-                             prepare_split, scan_class_folders, scan_plain_folder, shift_window, validate_list)
-from softLabelLoss import LABEL_INDEX, LABELS, label_indices
+from imaging import (BOX_COLUMNS, ImageReadError, crop_with_padding, decode_resized, read_image, sample_window,
+                     shift_window)
+from labels import LABEL_INDEX, LABELS, label_indices, parse_label_list
+from preprocess_data import (SPLITS, load_list, prepare_split, scan_class_folders, scan_plain_folder,
+                             validate_list)
 from utils import DataError, atomic_write_pickle
 
 log = logging.getLogger('datasets')
 cv2.setNumThreads(0)  # DataLoader workers already run in parallel
-
-
-class ImageReadError(Exception):
-    """An image file is missing, unreadable or corrupt."""
-
-
-def read_image(path, channels=3):
-    """Read an image with OpenCV as uint8, whatever its depth and channels.
-
-    Grayscale, BGR, BGRA (alpha dropped) and palette images are converted; 16-bit images are scaled to 8 bits
-    (value / 257, so 65535 -> 255, never clipped); float images in [0, 1] are scaled by 255.
-
-    Args:
-        path: image file.
-        channels: 3 for RGB [H, W, 3], 1 for grayscale [H, W], None to keep a grayscale image [H, W] and give a
-            colour one as RGB.
-
-    Returns:
-        uint8 numpy array.
-
-    Raises:
-        ImageReadError: missing, unreadable or corrupt file (message names the file).
-    """
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
-    if img is None or img.size == 0:
-        reason = 'file not found' if not Path(path).is_file() else 'cannot be decoded (corrupt or unsupported)'
-        raise ImageReadError(f'{path}: {reason}')
-    if img.dtype == np.uint16:
-        img = np.round(img.astype(np.float32) / 257.0).astype(np.uint8)
-    elif img.dtype in (np.float32, np.float64):
-        img = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
-    elif img.dtype != np.uint8:
-        raise ImageReadError(f'{path}: unsupported pixel type {img.dtype}')
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
-    if img.ndim == 2:
-        return img if channels in (1, None) else cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    channels = channels or 3
-    code = {(3, 3): cv2.COLOR_BGR2RGB, (4, 3): cv2.COLOR_BGRA2RGB,
-            (3, 1): cv2.COLOR_BGR2GRAY, (4, 1): cv2.COLOR_BGRA2GRAY}[(img.shape[2], channels)]
-    return cv2.cvtColor(img, code)
 
 
 class PerImageStandardize:
@@ -119,32 +80,6 @@ def available_memory():
 def cache_side(input_size, crop_pct=1.0):
     """Shorter side in pixels of cached images: just above what the transforms need (input_size / crop_pct + 10%)."""
     return int(math.ceil(input_size / min(crop_pct, 1.0) * 1.1))
-
-
-def sample_window(box, padding, padding_size):
-    """Crop window of a sample's box (None for a sample without one)."""
-    if box is None or np.isnan(box).any():
-        return None
-    return crop_window(box, padding, padding_size)
-
-
-def decode_resized(path, side, window=None):
-    """Decode an image once for the cache: crop it to ``window`` and shrink it so its shorter side is ``side``.
-
-    Grayscale images stay single-channel (uint8 [h, w]) to save memory, colour ones are RGB [h, w, 3]. Shrinking
-    uses OpenCV's area interpolation; smaller images are kept as they are.
-
-    Raises:
-        ImageReadError.
-    """
-    img = read_image(path, channels=None)
-    if window is not None:
-        img = crop_with_padding(img, window)
-    h, w = img.shape[:2]
-    scale = side / min(h, w)
-    if scale < 1:
-        img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    return img
 
 
 class ImageCache:
@@ -376,7 +311,7 @@ def load_eval_frame(data_path, split='test', test_val_ratio=(0.2, 0.1), seed=0, 
             frame = _absolute(load_list(data_path, label_list), data_path)
         else:
             frame = load_splits([data_path], test_val_ratio, seed, label_list)[split]
-    elif any(p.is_dir() and (p.name in LABELS or p.name in (label_list or {})) for p in data_path.iterdir()):
+    elif any(p.is_dir() and (p.name in LABELS or p.name in parse_label_list(label_list)) for p in data_path.iterdir()):
         frame = _absolute(validate_list(scan_class_folders(data_path, label_list), data_path), data_path)
     else:
         frame = _absolute(scan_plain_folder(data_path), data_path)
@@ -440,6 +375,6 @@ def balanced_label_weights(frame):
     return out
 
 
-__all__ = ['DefectDataset', 'ImageCache', 'ImageReadError', 'PerImageStandardize', 'balanced_label_weights',
-           'build_transform', 'cache_fits', 'cache_side', 'check_files_exist', 'collate_skip', 'is_image',
-           'is_split_folder', 'label_counts', 'load_eval_frame', 'load_splits', 'read_image', 'upsample']
+__all__ = ['DefectDataset', 'ImageCache', 'PerImageStandardize', 'balanced_label_weights', 'build_transform',
+           'cache_fits', 'cache_side', 'check_files_exist', 'collate_skip', 'is_split_folder', 'label_counts',
+           'load_eval_frame', 'load_splits', 'upsample']

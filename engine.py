@@ -4,37 +4,109 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
 from tqdm import tqdm
 
 from distributed import all_reduce_sum, gather_predictions, is_main_process
+from labels import LABELS, defect_probability, head_classes, is_defect, label_indices
 from metrics import compute_metrics, reference_probabilities
 from plots import draw_graphs
-from softLabelLoss import LABELS, defect_probability, head_classes, label_indices
 from utils import atomic_write_csv
 
 log = logging.getLogger('engine')
 
 
-def autocast_context(device, use_amp, amp_dtype='bfloat16'):
-    """Autocast context for a device: bf16 on CPU; fp16 or bf16 on CUDA; a null context when ``use_amp`` is False.
+@dataclass(frozen=True)
+class DeviceSettings:
+    """Where and in what precision a model runs: the settings that travel together through every loop.
+
+    Args:
+        device: torch.device.
+        use_amp: autocast the forward pass: bf16 on CPU; fp16 or bf16 (``amp_dtype``) on CUDA.
+        amp_dtype: 'bfloat16' or 'float16' (float16 applies on CUDA only, with a gradient scaler).
+        channels_last: NHWC memory format for the model and its inputs.
+    """
+    device: torch.device = torch.device('cpu')
+    use_amp: bool = False
+    amp_dtype: str = 'bfloat16'
+    channels_last: bool = False
+
+    @property
+    def memory_format(self):
+        """torch.channels_last or torch.contiguous_format."""
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self):
+        """Autocast context (``torch.autocast``) for these settings; a null context without AMP."""
+        if not self.use_amp:
+            return contextlib.nullcontext()
+        dtype = torch.float16 if (self.device.type == 'cuda' and self.amp_dtype == 'float16') else torch.bfloat16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def inputs(self, images):
+        """A batch of images (float32 [B, C, H, W]) on the device in the memory format (non-blocking copy)."""
+        return images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+
+    def grad_scaler(self):
+        """``torch.amp.GradScaler`` for fp16 autocast on CUDA (the only case that needs loss scaling), else None."""
+        if self.use_amp and self.device.type == 'cuda' and self.amp_dtype == 'float16':
+            return torch.amp.GradScaler('cuda')
+        return None
+
+
+def build_optimizer(model, args, updates_per_epoch, **overrides):
+    """AdamW (or any timm optimizer) and the per-update LR schedule of a training run, from its flags.
+
+    Uses timm's ``create_optimizer_v2`` (weight decay skipped for norms and biases; ``--layer_decay``) and
+    ``create_scheduler_v2`` (``--sched`` with ``--warmup_epochs`` from ``--warmup_lr``, down to ``--min_lr``), stepped
+    per optimizer update.
+
+    Args:
+        model: nn.Module. args: argparse.Namespace with the optimisation flags of main.py.
+        updates_per_epoch: int >= 1, optimizer steps per epoch.
+        overrides: keyword arguments for ``create_optimizer_v2`` that replace the flags' (e.g. FCMAE's betas).
 
     Returns:
-        a context manager.
+        (torch.optim.Optimizer, timm scheduler).
     """
-    if not use_amp:
-        return contextlib.nullcontext()
-    dtype = torch.float16 if (device.type == 'cuda' and amp_dtype == 'float16') else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    options = dict(opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
+                   layer_decay=args.layer_decay)
+    if args.opt_eps is not None:
+        options['eps'] = args.opt_eps
+    if args.opt_betas:
+        options['betas'] = tuple(args.opt_betas)
+    optimizer = create_optimizer_v2(model, **{**options, **overrides})
+    lr_scheduler, _ = create_scheduler_v2(optimizer, sched=args.sched, num_epochs=args.epochs,
+                                          warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
+                                          min_lr=args.min_lr, step_on_epochs=False,
+                                          updates_per_epoch=max(1, updates_per_epoch))
+    return optimizer, lr_scheduler
 
 
-def train_one_epoch(model, criterion, loader, optimizer, device, epoch, lr_scheduler=None, scaler=None,
-                    model_ema=None, mixup_fn=None, update_freq=1, clip_grad=None, use_amp=False, amp_dtype='bfloat16',
-                    writer=None, print_freq=20, memory_format=torch.contiguous_format):
+def optimizer_step(model, optimizer, scaler=None, clip_grad=None):
+    """Apply the accumulated gradients: unscale (fp16 ``GradScaler``), clip to the norm ``clip_grad`` when given,
+    step, and zero the gradients."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train_one_epoch(model, criterion, loader, optimizer, dev, epoch, *, lr_scheduler=None, scaler=None,
+                    model_ema=None, mixup_fn=None, update_freq=1, clip_grad=None, writer=None, print_freq=20):
     """Train for one epoch.
 
     Each batch is (float32 images [B, C, H, W], int64 labels [B] in LABELS order, int64 sample indices [B]); batches
@@ -42,11 +114,18 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, lr_sched
     ``Mixup`` with ``multi_label=True``), are mixed with the same lambda as the images. Gradients accumulate over
     ``update_freq`` batches; the LR scheduler (timm) steps per optimizer update; EMA (timm ``ModelEmaV3``) updates
     after each optimizer step. Under torchrun, ``model`` is the DistributedDataParallel wrapper and the returned
-    loss, image and skip counts are summed over all processes. ``memory_format``: torch.channels_last for NHWC.
+    loss, image and skip counts are summed over all processes.
+
+    Args:
+        dev: ``DeviceSettings`` (device, autocast, memory format). scaler: GradScaler for fp16, else None.
+        writer: optional TensorBoard SummaryWriter (train/loss, train/lr per step).
 
     Returns:
         dict: loss (mean over batches), lr (last), images (seen), skipped (images the loader skipped), updates,
         data_time (seconds waiting for batches).
+
+    Raises:
+        FloatingPointError: a non-finite loss (names the epoch and step).
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -68,12 +147,12 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, lr_sched
             images, labels = images[:-1], labels[:-1]
         if len(images) == 0:
             continue
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        labels = labels.to(device, non_blocking=True)
+        images = dev.inputs(images)
+        labels = labels.to(dev.device, non_blocking=True)
         targets = criterion.targets(labels)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
-        with autocast_context(device, use_amp, amp_dtype):
+        with dev.autocast():
             logits = model(images)
         loss = criterion(logits, labels, targets)
         loss_value = loss.item()  # one device sync per step
@@ -84,16 +163,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, lr_sched
         scaled = loss / update_freq
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if (it + 1) % update_freq == 0 or it + 1 == n_batches:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizer, scaler, clip_grad)
             update_count += 1
             if lr_scheduler is not None:
                 lr_scheduler.step_update(num_updates=update_count)
@@ -114,9 +184,11 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, lr_sched
 
 
 @torch.inference_mode()
-def predict_probs(model, loader, device, use_amp=False, amp_dtype='bfloat16', desc='eval',
-                  memory_format=torch.contiguous_format):
+def predict_probs(model, loader, dev, desc='eval'):
     """Class probabilities of every image the loader yields, gathered from all processes under torchrun.
+
+    Args:
+        model: classifier. loader: DataLoader of (images, labels, indices) batches or None. dev: ``DeviceSettings``.
 
     Returns:
         (float32 array [N, C] softmax probabilities, int64 array [N] sample indices, sorted); images skipped by the
@@ -129,8 +201,8 @@ def predict_probs(model, loader, device, use_amp=False, amp_dtype='bfloat16', de
         if batch is None:
             continue
         images, _, index = batch
-        with autocast_context(device, use_amp, amp_dtype):
-            logits = model(images.to(device, non_blocking=True, memory_format=memory_format))
+        with dev.autocast():
+            logits = model(dev.inputs(images))
         probs.append(logits.float().softmax(-1).cpu())
         indices.append(index)
     probs = torch.cat(probs).numpy() if probs else np.zeros((0, 0), np.float32)
@@ -147,23 +219,38 @@ def sample_info(frame, soft_label_ratio=0.7):
     return labels, reference, types
 
 
-def evaluate(model, loader, device, frame, conf=0.5, soft_label_ratio=0.7, use_amp=False, amp_dtype='bfloat16',
-             desc='eval', memory_format=torch.contiguous_format):
-    """Evaluate a model on a labelled sample list.
+def frame_metrics(frame, probs, indices, conf=0.5, soft_label_ratio=0.7):
+    """Metrics of predictions on (part of) a sample list.
 
     Args:
-        model: classifier with a 2- or 4-class head. loader: DataLoader over ``DefectDataset(frame)``.
-        frame: the sample list (label, optional defect_prob, optional type). conf: threshold on P(defect).
+        frame: the sample list (label, optional defect_prob, optional type). probs: float array [N', C].
+        indices: int array [N'] of the predicted rows of ``frame`` (skipped images absent). conf: threshold on
+            P(defect). soft_label_ratio: r of the reference probability of unannotated ambiguous labels.
 
     Returns:
-        (metrics dict from ``metrics.compute_metrics`` plus 'skipped', float32 probs [N', C], int64 indices [N']).
+        dict from ``metrics.compute_metrics`` (empty when no predicted row has a label) plus 'skipped' (rows of
+        ``frame`` without a prediction).
     """
-    probs, indices = predict_probs(model, loader, device, use_amp, amp_dtype, desc, memory_format)
     labels, reference, types = sample_info(frame, soft_label_ratio)
     metrics = compute_metrics(probs, labels[indices], reference[indices],
                               None if types is None else types[indices], conf) if len(indices) else {}
     metrics['skipped'] = int(len(frame) - len(indices))
-    return metrics, probs, indices
+    return metrics
+
+
+def evaluate(model, loader, dev, frame, *, conf=0.5, soft_label_ratio=0.7, desc='eval'):
+    """Evaluate a model on a labelled sample list (``predict_probs``, then ``frame_metrics``).
+
+    Args:
+        model: classifier with a 2- or 4-class head. loader: DataLoader over ``DefectDataset(frame)``.
+        dev: ``DeviceSettings``.
+        frame: the sample list (label, optional defect_prob, optional type). conf: threshold on P(defect).
+
+    Returns:
+        (metrics dict, float32 probs [N', C], int64 indices [N']).
+    """
+    probs, indices = predict_probs(model, loader, dev, desc)
+    return frame_metrics(frame, probs, indices, conf, soft_label_ratio), probs, indices
 
 
 def _unique_path(path):
@@ -197,7 +284,7 @@ def prediction_table(frame, probs, indices, nb_classes, conf=0.5):
         table['pred4'] = [LABELS[k] for k in probs.argmax(1)]
     if 'label' in table.columns:
         known = table['label'].isin(LABELS)
-        truth = table['label'].isin(['amb_pos', 'pos'])
+        truth = is_defect(label_indices(table['label'])).astype(bool)
         table['correct'] = np.where(known, (truth == (table['pred'] == 'pos')), None)
     return table
 
@@ -241,10 +328,9 @@ def write_prediction_report(frame, probs, indices, nb_classes, out_dir, conf=0.5
     out_dir.mkdir(parents=True, exist_ok=True)
     table = prediction_table(frame, probs, indices, nb_classes, conf)
     atomic_write_csv(table, out_dir / 'predictions.csv')
-    labels, reference, types = sample_info(frame, soft_label_ratio)
+    metrics = frame_metrics(frame, probs, indices, conf, soft_label_ratio)
+    labels, reference, _ = sample_info(frame, soft_label_ratio)
     labels, reference = labels[indices], reference[indices]
-    metrics = compute_metrics(probs, labels, reference, None if types is None else types[indices], conf)
-    metrics['skipped'] = int(len(frame) - len(indices))
     if pred_save:
         save_predictions(table, out_dir, with_conf)
     graphs = []
@@ -263,5 +349,5 @@ def format_metrics(metrics, keys=('acc', 'auroc', 'f1', 'ece', 'brier', 'acc4'))
     return ' '.join(f'{k} {metrics[k]:.4f}' for k in keys if k in metrics)
 
 
-__all__ = ['autocast_context', 'evaluate', 'format_metrics', 'predict_probs', 'prediction_table',
-           'save_predictions', 'train_one_epoch', 'write_prediction_report']
+__all__ = ['DeviceSettings', 'build_optimizer', 'evaluate', 'format_metrics', 'frame_metrics', 'predict_probs',
+           'prediction_table', 'save_predictions', 'train_one_epoch', 'write_prediction_report']

@@ -23,7 +23,7 @@ from tensorboard.compat.tensorflow_stub import errors as tf_errors
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
 from tensorboard.util import tensor_util
 
-from metrics import LOWER_IS_BETTER
+from metrics import lower_is_better
 from utils import DataError, atomic_write_csv, run_cli, str2bool
 
 log = logging.getLogger('load_board')
@@ -111,12 +111,6 @@ def wide_table(long):
     table = table.reindex(sorted(table.columns), axis=1)
     table.insert(0, 'wall_time', long.groupby('step')['wall_time'].max())
     return table.reset_index().rename_axis(columns=None)
-
-
-def lower_is_better(tag):
-    """True for tags minimised: losses, ECE and Brier score."""
-    name = tag.rsplit('/', 1)[-1]
-    return any(k in name for k in LOWER_IS_BETTER)
 
 
 def run_args(folder, logdir):

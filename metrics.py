@@ -2,19 +2,50 @@
 
 The binary fold counts amb_pos and pos as defects. Calibration compares P(defect) with each sample's reference
 defect probability: the annotated one when the list has ``defect_prob`` (ELPV: 0, 1/3, 2/3, 1), else neg 0,
-amb_neg 1 - r, amb_pos r, pos 1 (``softLabelLoss.reference_defect_probability``).
+amb_neg 1 - r, amb_pos r, pos 1 (``labels.reference_defect_probability``).
 """
 import numpy as np
 from sklearn.metrics import (accuracy_score, average_precision_score, precision_recall_fscore_support,
                              roc_auc_score)
 
-from softLabelLoss import LABEL_INDEX, LABELS, defect_probability, reference_defect_probability
+from labels import LABELS, defect_probability, is_defect, reference_defect_probability
 
-DEFECT_LABELS = (LABEL_INDEX['amb_pos'], LABEL_INDEX['pos'])
 LOWER_IS_BETTER = ('loss', 'ece', 'brier')
+CALIBRATION_BINS = 15  # equal-width P(defect) bins of the ECE and of the reliability diagram
 
 
-def expected_calibration_error(p, reference, n_bins=15):
+def lower_is_better(name):
+    """True for metrics that are minimised: losses, ECE and Brier score.
+
+    ``name`` may carry a prefix: ``ece``, ``val_ece``, ``val/ece``, ``mono/ece``, ``train/epoch_loss`` all count.
+    """
+    last = str(name).rsplit('/', 1)[-1]
+    return any(last == k or last.endswith(f'_{k}') for k in LOWER_IS_BETTER)
+
+
+def calibration_bins(p, reference, n_bins=CALIBRATION_BINS):
+    """Equal-width binning of P(defect), with the mean prediction and mean reference probability of each bin.
+
+    Args:
+        p: float array [N], predicted P(defect) in [0, 1] (1.0 falls into the last bin).
+        reference: float array [N], reference defect probability in [0, 1].
+        n_bins: int, number of bins over [0, 1].
+
+    Returns:
+        dict of arrays [n_bins]: 'count' (int64), 'mean_p' and 'mean_reference' (float64, nan in an empty bin),
+        'centre' (float64, bin centres).
+    """
+    p, reference = np.asarray(p, np.float64), np.asarray(reference, np.float64)
+    index = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    count = np.bincount(index, minlength=n_bins)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        mean_p = np.bincount(index, p, minlength=n_bins) / count
+        mean_reference = np.bincount(index, reference, minlength=n_bins) / count
+    return {'count': count, 'mean_p': mean_p, 'mean_reference': mean_reference,
+            'centre': (np.arange(n_bins) + 0.5) / n_bins}
+
+
+def expected_calibration_error(p, reference, n_bins=CALIBRATION_BINS):
     """Expected calibration error (Naeini et al. 2015; Guo et al. 2017) with equal-width bins.
 
     ECE = sum over bins b of (n_b / N) * |mean(p in b) - mean(reference in b)|. The reference may be soft (a defect
@@ -28,15 +59,12 @@ def expected_calibration_error(p, reference, n_bins=15):
     Returns:
         float in [0, 1] (nan for N = 0).
     """
-    p, reference = np.asarray(p, np.float64), np.asarray(reference, np.float64)
     if len(p) == 0:
         return float('nan')
-    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
-    ece = 0.0
-    for b in np.unique(bins):
-        m = bins == b
-        ece += m.mean() * abs(p[m].mean() - reference[m].mean())
-    return float(ece)
+    bins = calibration_bins(p, reference, n_bins)
+    used = bins['count'] > 0
+    gaps = np.abs(bins['mean_p'][used] - bins['mean_reference'][used])
+    return float((bins['count'][used] / len(p) * gaps).sum())
 
 
 def brier_score(p, reference):
@@ -83,7 +111,7 @@ def classification_metrics(probs, labels, reference, conf=0.5):
     """
     probs, labels = np.asarray(probs, np.float64), np.asarray(labels)
     p = defect_probability(probs)
-    y = np.isin(labels, DEFECT_LABELS).astype(int)
+    y = is_defect(labels)
     pred = (p >= conf).astype(int)
     precision, recall, f1, _ = precision_recall_fscore_support(y, pred, average='binary', pos_label=1,
                                                                zero_division=0)
@@ -133,8 +161,10 @@ def compute_metrics(probs, labels, reference, types=None, conf=0.5):
 
 
 def is_better(metric, value, best):
-    """True if ``value`` improves on ``best`` for ``metric`` (lower is better for loss, ECE and Brier)."""
+    """True if ``value`` improves on ``best`` for ``metric`` (``lower_is_better``: loss, ECE, Brier).
+
+    A nan ``value`` never improves; any non-nan value improves on a missing (None or nan) ``best``.
+    """
     if best is None or (isinstance(best, float) and np.isnan(best)):
         return not np.isnan(value)
-    lower = any(metric.endswith(k) for k in LOWER_IS_BETTER)
-    return value < best if lower else value > best
+    return value < best if lower_is_better(metric) else value > best

@@ -1,5 +1,4 @@
 """Evaluation graphs of P(defect) drawn with matplotlib and scikit-learn's displays, saved as PNG files."""
-import os
 from pathlib import Path
 
 import matplotlib
@@ -10,17 +9,48 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import (ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay,  # noqa: E402
                              precision_recall_curve)
 
-from softLabelLoss import LABELS  # noqa: E402
+from labels import LABELS, is_defect  # noqa: E402
+from metrics import calibration_bins  # noqa: E402
+from utils import atomic_write  # noqa: E402
 
 
 def save_figure(fig, path):
-    """Save a figure atomically (temporary file, then rename) and close it."""
+    """Save a figure atomically (``utils.atomic_write``; the format follows the suffix) and close it.
+
+    Returns:
+        the Path written.
+    """
     path = Path(path)
-    tmp = path.with_name(f'.{path.stem}.tmp{path.suffix}')
-    fig.savefig(tmp, dpi=120, bbox_inches='tight')
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip('.') or 'png', dpi=120,
+                                                 bbox_inches='tight'), mode='wb')
+    finally:
+        plt.close(fig)
     return path
+
+
+def reliability_diagram(ax, p_defect, reference):
+    """Draw a reliability diagram on ``ax``: per P(defect) bin (``metrics.calibration_bins``, the ECE's bins), a bar
+    of the mean reference defect probability, labelled with the number of images in the bin.
+
+    Args:
+        ax: matplotlib Axes. p_defect, reference: float arrays [N] in [0, 1].
+
+    Returns:
+        the bins (dict of arrays, see ``metrics.calibration_bins``).
+    """
+    bins = calibration_bins(p_defect, reference)
+    n_bins = len(bins['count'])
+    ax.bar(bins['centre'], np.nan_to_num(bins['mean_reference']), width=0.9 / n_bins, alpha=0.7,
+           label='mean reference probability')
+    ax.plot([0, 1], [0, 1], 'k:', lw=1, label='perfect calibration')
+    for c, m, n in zip(bins['centre'], bins['mean_reference'], bins['count']):
+        if n:
+            ax.text(c, m + 0.02, str(n), ha='center', fontsize=6)
+    ax.set(xlabel='P(defect)', ylabel='reference defect probability', xlim=(0, 1), ylim=(0, 1.1),
+           title='Reliability diagram (numbers: images)')
+    ax.legend(loc='upper left', fontsize=8)
+    return bins
 
 
 def draw_graphs(out_dir, p_defect, labels, reference, conf=0.5, probs=None, prefix=''):
@@ -42,7 +72,7 @@ def draw_graphs(out_dir, p_defect, labels, reference, conf=0.5, probs=None, pref
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = np.asarray(labels)
-    y = np.isin(labels, (LABELS.index('amb_pos'), LABELS.index('pos'))).astype(int)
+    y = is_defect(labels)
     both = len(np.unique(y)) == 2
     written = []
 
@@ -92,18 +122,6 @@ def draw_graphs(out_dir, p_defect, labels, reference, conf=0.5, probs=None, pref
     written.append(save_figure(fig, out_dir / f'{prefix}histogram.png'))
 
     fig, ax = plt.subplots(figsize=(4.5, 4))
-    edges = np.linspace(0, 1, 11)
-    idx = np.minimum((p_defect * 10).astype(int), 9)
-    centres = [(edges[b] + edges[b + 1]) / 2 for b in range(10)]
-    mean_ref = [reference[idx == b].mean() if (idx == b).any() else np.nan for b in range(10)]
-    counts = [(idx == b).sum() for b in range(10)]
-    ax.bar(centres, mean_ref, width=0.09, alpha=0.7, label='mean reference probability')
-    ax.plot([0, 1], [0, 1], 'k:', lw=1, label='perfect calibration')
-    for c, m, n in zip(centres, mean_ref, counts):
-        if n:
-            ax.text(c, (m if not np.isnan(m) else 0) + 0.02, str(n), ha='center', fontsize=7)
-    ax.set(xlabel='P(defect)', ylabel='reference defect probability', xlim=(0, 1), ylim=(0, 1.1),
-           title='Reliability diagram (numbers: images)')
-    ax.legend(loc='upper left', fontsize=8)
+    reliability_diagram(ax, p_defect, reference)
     written.append(save_figure(fig, out_dir / f'{prefix}reliability.png'))
     return written

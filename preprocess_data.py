@@ -16,43 +16,19 @@ import logging
 import os
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
-from softLabelLoss import LABELS
-from utils import DataError, atomic_write_csv, run_cli, str2bool
+from imaging import (BOX_COLUMNS, IMAGE_EXTENSIONS, PADDING_MODES, crop_window, crop_with_padding, is_image,
+                     read_image, write_image)
+from labels import LABELS, parse_label_list
+from utils import DataError, atomic_write_bytes, atomic_write_csv, run_cli, str2bool
 
 log = logging.getLogger('preprocess')
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
-PADDING_MODES = ('PIXEL', 'FIX', 'FIX2')
 LIST_NAME = 'list.csv'
-BOX_COLUMNS = ['x1', 'y1', 'x2', 'y2']
 SPLITS = ('train', 'val', 'test')
-
-
-def is_image(path):
-    """True if ``path`` has an image extension we read (png, jpg, jpeg, bmp, tif, tiff, any case)."""
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
-
-
-def parse_label_list(items):
-    """Parse ``--label_list`` items ``folder=label`` into a dict.
-
-    Raises:
-        DataError: an item without '=' or a target that is not one of the four labels.
-    """
-    mapping = {}
-    for item in items or []:
-        if '=' not in item:
-            raise DataError(f'--label_list item "{item}" must look like folder=label')
-        folder, label = item.split('=', 1)
-        if label not in LABELS:
-            raise DataError(f'--label_list item "{item}": label must be one of {", ".join(LABELS)}')
-        mapping[folder] = label
-    return mapping
 
 
 def read_boxes_json(json_path):
@@ -87,7 +63,7 @@ def scan_class_folders(root, label_list=None):
 
     Args:
         root: folder with class folders.
-        label_list: optional dict folder name -> label.
+        label_list: optional ``--label_list`` mapping (dict folder name -> label, or ``folder=label`` items).
 
     Returns:
         DataFrame with columns path (relative to root, '/'-separated), label[, x1, y1, x2, y2, group].
@@ -98,7 +74,7 @@ def scan_class_folders(root, label_list=None):
     root = Path(root)
     if not root.is_dir():
         raise DataError(f'{root}: data path does not exist or is not a folder')
-    label_list = label_list or {}
+    label_list = parse_label_list(label_list)
     folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name not in ('splits', 'crops'))
     if not folders:
         raise DataError(f'{root}: no class folders (expected some of {", ".join(LABELS)})')
@@ -288,79 +264,6 @@ def prepare_split(root, test_ratio, val_ratio, seed, label_list=None):
     return folder
 
 
-def crop_window(box, mode, padding_size):
-    """Window (x1, y1, x2, y2) around a box for a padding mode; it may reach past the image border.
-
-    Modes: PIXEL grows the box by ``padding_size`` px per side; FIX takes a padding_size x padding_size window centred
-    on the box, grown to the box in a dimension where the box is larger; FIX2 a square of side
-    max(w, h) + 2 * padding_size centred on the box.
-
-    Args:
-        box: (x1, y1, x2, y2) int pixels, x2/y2 exclusive.
-        mode: one of ``PADDING_MODES``.
-        padding_size: int pixels >= 0.
-
-    Returns:
-        tuple of 4 ints.
-
-    Raises:
-        ValueError: unknown mode or negative padding_size.
-    """
-    x1, y1, x2, y2 = (int(round(v)) for v in box)
-    p = int(padding_size)
-    if p < 0:
-        raise ValueError(f'--padding_size must be >= 0, got {p}')
-    if mode == 'PIXEL':
-        return x1 - p, y1 - p, x2 + p, y2 + p
-    w, h = x2 - x1, y2 - y1
-    if mode == 'FIX':
-        ww, wh = max(p, w), max(p, h)
-    elif mode == 'FIX2':
-        ww = wh = max(w, h) + 2 * p
-    else:
-        raise ValueError(f'--padding must be one of {", ".join(PADDING_MODES)}, got {mode}')
-    # centre the window; the odd pixel left over goes to the right/bottom side
-    wx1, wy1 = x1 - (ww - w) // 2, y1 - (wh - h) // 2
-    return wx1, wy1, wx1 + ww, wy1 + wh
-
-
-def shift_window(window, box, rng):
-    """Move a window at random so that it still contains the whole box (train-time ``--use_shift``).
-
-    Args:
-        window, box: (x1, y1, x2, y2) int pixels, the window containing the box.
-        rng: ``numpy.random.Generator``.
-
-    Returns:
-        the shifted window, same size.
-    """
-    wx1, wy1, wx2, wy2 = window
-    bx1, by1, bx2, by2 = (int(round(v)) for v in box)
-    dx = int(rng.integers(min(0, bx2 - wx2), max(0, bx1 - wx1) + 1))
-    dy = int(rng.integers(min(0, by2 - wy2), max(0, by1 - wy1) + 1))
-    return wx1 + dx, wy1 + dy, wx2 + dx, wy2 + dy
-
-
-def crop_with_padding(img, window):
-    """Cut a window out of an image, padding with zeros where it passes the border (never shifting it).
-
-    Args:
-        img: uint8 array [H, W] or [H, W, C].
-        window: (x1, y1, x2, y2) int pixels; may reach outside the image.
-
-    Returns:
-        uint8 array [y2 - y1, x2 - x1(, C)].
-    """
-    h, w = img.shape[:2]
-    x1, y1, x2, y2 = window
-    inner = img[max(y1, 0):min(y2, h), max(x1, 0):min(x2, w)]
-    top, left = max(0, -y1), max(0, -x1)
-    bottom, right = (y2 - y1) - top - inner.shape[0], (x2 - x1) - left - inner.shape[1]
-    if inner.size == 0:  # window wholly outside the image
-        return np.zeros((y2 - y1, x2 - x1) + img.shape[2:], dtype=img.dtype)
-    return cv2.copyMakeBorder(inner, top, bottom, left, right, cv2.BORDER_CONSTANT, value=0)
-
-
 def export_elpv(output):
     """Export the installed ELPV data set (PyPI ``elpv-dataset``) into class folders plus ``list.csv``.
 
@@ -387,10 +290,7 @@ def export_elpv(output):
         rel = f'{label}/{Path(path).name}'
         dst = output / rel
         if not dst.is_file():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(dst.name + '.tmp')
-            tmp.write_bytes((src / path).read_bytes())
-            os.replace(tmp, dst)
+            atomic_write_bytes((src / path).read_bytes(), dst)
         rows.append(dict(path=rel, label=label, type=cell_type, defect_prob=round(float(prob), 6)))
     df = pd.DataFrame(rows)
     atomic_write_csv(df, output / LIST_NAME)
@@ -408,7 +308,6 @@ def save_crops(root, output, df, padding, padding_size):
     Raises:
         DataError: an image cannot be read.
     """
-    from datasets import read_image
     rows = []
     for i, row in enumerate(df.itertuples(index=False)):
         row = row._asdict()
@@ -417,12 +316,7 @@ def save_crops(root, output, df, padding, padding_size):
             img = read_image(src, channels=3)
             crop = crop_with_padding(img, crop_window([row[c] for c in BOX_COLUMNS], padding, padding_size))
             rel = Path('crops') / row['label'] / f'{Path(row["path"]).stem}_{i:06d}.png'
-            dst = Path(output) / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            ok, buf = cv2.imencode('.png', cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
-            tmp = dst.with_name(dst.name + '.tmp')
-            tmp.write_bytes(buf.tobytes())
-            os.replace(tmp, dst)
+            write_image(crop, Path(output) / rel)
             row['path'] = rel.as_posix()
         else:
             row['path'] = os.path.relpath(src.resolve(), Path(output).resolve())

@@ -16,52 +16,17 @@ q = ``label_ratio``:
 | 4 classes, soft, soft_type 1        | neg q, amb_neg 1-q  | amb_neg r, amb_pos 1-r  | amb_pos r, amb_neg 1-r  | pos q, amb_pos 1-q  |
 | 4 classes, soft, soft_type 2        | neg q, amb_neg 1-q  | amb_neg r, neg 1-r      | amb_pos r, pos 1-r      | pos q, amb_pos 1-q  |
 
-P(defect) is p(pos) for a 2-class head and p(pos) + p(amb_pos) for a 4-class head (``defect_probability``).
+P(defect) is p(pos) for a 2-class head and p(pos) + p(amb_pos) for a 4-class head (``labels.defect_probability``).
 """
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-LABELS = ('amb_neg', 'amb_pos', 'neg', 'pos')
-LABEL_INDEX = {name: i for i, name in enumerate(LABELS)}
-HEAD_CLASSES = {2: ('neg', 'pos'), 4: LABELS}
+# the label vocabulary lives in labels.py; these names stay importable from here for users' scripts
+from labels import (HARD_DEFECT_PROBABILITY, HEAD_CLASSES, LABEL_INDEX, LABELS, check_ratio, defect_probability,
+                    head_classes, label_indices, reference_defect_probability)
+
 LOSS_FUNCTIONS = ('CE', 'BCE', 'MSE', 'L1')
-# Annotated probability of a defect for each label when the data set gives none: neg 0, pos 1, and for the
-# ambiguous ones the share of the defect class in their 2-class soft target.
-HARD_DEFECT_PROBABILITY = {'neg': 0.0, 'pos': 1.0}
-
-
-def label_indices(names):
-    """Label indices (LABELS order) of a sequence of label names; -1 for a missing or unknown one.
-
-    Returns:
-        int64 numpy array [N].
-    """
-    return np.array([LABEL_INDEX.get(x, -1) if isinstance(x, str) else -1 for x in names], np.int64)
-
-
-def check_ratio(name, value):
-    """Return ``value`` as a float if it lies in [0, 1].
-
-    Raises:
-        ValueError: one line naming the flag ``--name`` and the offending value.
-    """
-    value = float(value)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f'--{name} must lie in [0, 1], got {value}')
-    return value
-
-
-def head_classes(nb_classes):
-    """Class names of a head with ``nb_classes`` outputs, in output order.
-
-    Raises:
-        ValueError: ``nb_classes`` is neither 2 nor 4.
-    """
-    if nb_classes not in HEAD_CLASSES:
-        raise ValueError(f'--nb_classes must be 2 or 4, got {nb_classes}')
-    return HEAD_CLASSES[nb_classes]
 
 
 def soft_target_table(nb_classes=2, use_softlabel=False, soft_label_ratio=0.7, label_ratio=1.0, soft_type=1):
@@ -106,35 +71,6 @@ def soft_target_table(nb_classes=2, use_softlabel=False, soft_label_ratio=0.7, l
         else:
             put('amb_neg', {'amb_neg': r, 'neg': 1 - r}), put('amb_pos', {'amb_pos': r, 'pos': 1 - r})
     return table
-
-
-def reference_defect_probability(soft_label_ratio=0.7):
-    """Defect probability that stands for each label when the data set annotates none.
-
-    Returns:
-        dict label -> float: neg 0, amb_neg 1 - r, amb_pos r, pos 1 (r = ``soft_label_ratio``).
-    """
-    r = check_ratio('soft_label_ratio', soft_label_ratio)
-    return {**HARD_DEFECT_PROBABILITY, 'amb_neg': 1.0 - r, 'amb_pos': r}
-
-
-def defect_probability(probs):
-    """P(defect) from a head's class probabilities.
-
-    Args:
-        probs: float tensor or array [N, 2] (neg, pos) or [N, 4] (amb_neg, amb_pos, neg, pos), rows summing to 1.
-
-    Returns:
-        [N] of the same type: p(pos), or p(pos) + p(amb_pos) for 4 classes.
-
-    Raises:
-        ValueError: the last dimension is neither 2 nor 4.
-    """
-    if probs.shape[-1] == 2:
-        return probs[..., 1]
-    if probs.shape[-1] == 4:
-        return probs[..., LABEL_INDEX['pos']] + probs[..., LABEL_INDEX['amb_pos']]
-    raise ValueError(f'expected 2 or 4 class probabilities, got shape {tuple(probs.shape)}')
 
 
 class SoftLabelLoss(nn.Module):
@@ -209,3 +145,8 @@ class SoftLabelLoss(nn.Module):
             per_sample = F.l1_loss(logits.softmax(-1), t, reduction='none').mean(-1)
         w = self.label_weight[labels]
         return (per_sample * w).sum() / w.sum()
+
+
+__all__ = ['HARD_DEFECT_PROBABILITY', 'HEAD_CLASSES', 'LABEL_INDEX', 'LABELS', 'LOSS_FUNCTIONS', 'SoftLabelLoss',
+           'check_ratio', 'defect_probability', 'head_classes', 'label_indices', 'reference_defect_probability',
+           'soft_target_table']

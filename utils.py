@@ -33,8 +33,17 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f'expected True or False, got "{value}"')
 
 
-def _atomic(path, write, mode='w'):
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it onto ``path``."""
+def atomic_write(path, write, mode='w'):
+    """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync it, then rename it onto ``path``.
+
+    The one atomic-write rule of the project: a reader never sees a half-written file, and on any failure (an
+    exception from ``write``, a full disk) the temporary file is removed and an earlier ``path`` is left intact.
+
+    Args:
+        path: destination file (its folder is created).
+        write: callable taking the open file object.
+        mode: 'w' (text) or 'wb' (binary).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
@@ -52,27 +61,32 @@ def _atomic(path, write, mode='w'):
 
 def atomic_write_csv(df, path):
     """Write a pandas DataFrame to CSV atomically (temporary file, then rename); no index column."""
-    _atomic(path, lambda f: df.to_csv(f, index=False))
+    atomic_write(path, lambda f: df.to_csv(f, index=False))
 
 
 def atomic_write_json(obj, path):
     """Write a JSON-serialisable object atomically, indented."""
-    _atomic(path, lambda f: json.dump(obj, f, indent=2, default=str))
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, default=str))
 
 
 def atomic_write_text(text, path):
     """Write a string to a file atomically."""
-    _atomic(path, lambda f: f.write(text))
+    atomic_write(path, lambda f: f.write(text))
+
+
+def atomic_write_bytes(data, path):
+    """Write bytes to a file atomically."""
+    atomic_write(path, lambda f: f.write(data), mode='wb')
 
 
 def atomic_write_pickle(obj, path):
     """``pickle.dump`` (highest protocol) atomically."""
-    _atomic(path, lambda f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL), mode='wb')
+    atomic_write(path, lambda f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL), mode='wb')
 
 
 def atomic_torch_save(obj, path):
     """``torch.save`` atomically: a crash mid-write never leaves a truncated checkpoint at ``path``."""
-    _atomic(path, lambda f: torch.save(obj, f), mode='wb')
+    atomic_write(path, lambda f: torch.save(obj, f), mode='wb')
 
 
 def seed_everything(seed):
@@ -83,19 +97,32 @@ def seed_everything(seed):
 
 
 def rng_state():
-    """Snapshot of the Python, NumPy and torch (CPU and CUDA) RNG states, for checkpoints."""
-    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    """Snapshot of the Python, NumPy and torch (CPU and CUDA) RNG states, for checkpoints.
+
+    Everything in it is a type that ``torch.load(weights_only=True)`` accepts: NumPy's key array (uint32 [624])
+    travels as an int64 tensor.
+
+    Returns:
+        dict 'python', 'numpy', 'torch' (uint8 tensor) and, where CUDA is available, 'cuda' (list of uint8 tensors).
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {'python': random.getstate(), 'numpy': (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    cached),
+             'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state):
-    """Restore a snapshot taken by ``rng_state``; missing entries are left alone."""
+    """Restore a snapshot taken by ``rng_state`` (read back from a checkpoint); missing entries are left alone."""
     if 'python' in state:
-        random.setstate(state['python'])
+        version, internal, gauss = state['python']
+        random.setstate((version, tuple(internal), gauss))
     if 'numpy' in state:
-        np.random.set_state(state['numpy'])
+        name, keys, pos, has_gauss, cached = state['numpy']
+        keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+        np.random.set_state((name, keys.astype(np.uint32), pos, has_gauss, cached))
     if 'torch' in state:
         torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():

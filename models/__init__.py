@@ -14,6 +14,18 @@ from .convnext_isotropic import ConvNeXtIsotropic
 
 log = logging.getLogger('models')
 HEAD_KEYS = ('head.fc.weight', 'head.fc.bias', 'head.weight', 'head.bias')
+INPUT_STRIDE = 32  # ConvNeXt's total downsampling (4x stem, three 2x stages); FCMAE masks 32x32 patches
+
+
+def check_input_size(input_size):
+    """Return ``input_size`` if ConvNeXt (and FCMAE's patch mask) can take it: a positive multiple of 32 pixels.
+
+    Raises:
+        DataError: one line naming --input_size.
+    """
+    if input_size <= 0 or input_size % INPUT_STRIDE:
+        raise DataError(f'--input_size must be a positive multiple of {INPUT_STRIDE}, got {input_size}')
+    return input_size
 
 
 def build_model(args):
@@ -144,4 +156,4 @@ def load_pretrained(model, path, model_key='model|model_ema|module|state_dict', 
     return {'missing': list(result.missing_keys), 'unexpected': list(result.unexpected_keys), 'dropped_head': dropped}
 
 
-__all__ = ['ConvNeXtIsotropic', 'build_model', 'extract_state_dict', 'load_pretrained', 'read_checkpoint']
+__all__ = ['ConvNeXtIsotropic', 'build_model', 'check_input_size', 'extract_state_dict', 'load_pretrained', 'read_checkpoint']

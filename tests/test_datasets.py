@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from datasets import (DefectDataset, ImageReadError, PerImageStandardize, balanced_label_weights, build_transform,
-                      collate_skip, load_splits, read_image, upsample)
+from datasets import (DefectDataset, PerImageStandardize, balanced_label_weights, build_transform, collate_skip,
+                      load_splits, upsample)
+from imaging import ImageReadError, read_image
 from main import get_args_parser
 from utils import DataError
 

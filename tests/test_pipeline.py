@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import main as cli
+import runtime
 from datasets import DefectDataset, ImageCache, build_transform, cache_side, load_splits
 from main import get_args_parser
 
@@ -67,8 +67,8 @@ def test_corrupt_image_in_cache_is_skipped(tmp_path):
 
 def test_default_workers_leave_a_core_for_training():
     cores = len(os.sched_getaffinity(0))
-    assert cli.default_workers(1) == max(0, min(8, cores - 1))
-    assert cli.default_workers(cores) == 0
+    assert runtime.default_workers(1) == max(0, min(8, cores - 1))
+    assert runtime.default_workers(cores) == 0
 
 
 def test_channels_last_and_compile_fallback(monkeypatch, caplog):
@@ -81,8 +81,9 @@ def test_channels_last_and_compile_fallback(monkeypatch, caplog):
     args = args_for('--compile', 'True', '--channels_last', 'True', '--model', 'convnext_atto')
     model = build_model(args)
     with caplog.at_level(logging.WARNING):
-        run_model, fmt = cli.prepare_model(model, args, torch.device('cpu'))
-    assert run_model is model and fmt == torch.channels_last
+        dev = runtime.device_settings(args, torch.device('cpu'))
+        run_model = runtime.prepare_model(model, args, dev)
+    assert run_model is model and dev.memory_format == torch.channels_last
     assert 'torch.compile failed (RuntimeError: no compiler here); running eagerly' in caplog.text
     assert model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
@@ -91,7 +92,7 @@ def test_channels_last_and_compile_fallback(monkeypatch, caplog):
 
 @pytest.mark.parametrize('mode,file_expected', [('file', True), ('memory', False), ('none', None)])
 def test_cache_modes(mode, file_expected, tmp_path):
-    cache = cli.make_cache(args_for('--cache', mode), 10, tmp_path)
+    cache = runtime.make_cache(args_for('--cache', mode), 10, tmp_path)
     if file_expected is None:
         assert cache is None
     else:

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import imaging as im
 import preprocess_data as pp
 from utils import DataError
 
@@ -122,29 +123,29 @@ BOX = (0, 0, 6, 4)  # w 6, h 4
     ('FIX2', 2, (-2, -3, 8, 7)),      # side max(6, 4) + 4 = 10
 ])
 def test_padding_modes_window(mode, size, window):
-    assert pp.crop_window(BOX, mode, size) == window
+    assert im.crop_window(BOX, mode, size) == window
 
 
 def test_crop_pads_past_border_without_shifting():
-    window = pp.crop_window(BOX, 'PIXEL', 3)
-    crop = pp.crop_with_padding(IMG, window)
+    window = im.crop_window(BOX, 'PIXEL', 3)
+    crop = im.crop_with_padding(IMG, window)
     assert crop.shape == (10, 12)
     assert (crop[:3] == 0).all() and (crop[:, :3] == 0).all()  # padded, not shifted
     assert np.array_equal(crop[3:, 3:], IMG[:7, :9])
     # bottom-right corner
-    crop = pp.crop_with_padding(IMG, pp.crop_window((26, 17, 30, 20), 'FIX2', 2))
+    crop = im.crop_with_padding(IMG, im.crop_window((26, 17, 30, 20), 'FIX2', 2))
     assert crop.shape == (8, 8) and np.array_equal(crop[:5, :6], IMG[15:20, 24:30]) and (crop[5:] == 0).all()
     rgb = np.stack([IMG] * 3, -1)
-    assert pp.crop_with_padding(rgb, (-2, -2, 3, 3)).shape == (5, 5, 3)
+    assert im.crop_with_padding(rgb, (-2, -2, 3, 3)).shape == (5, 5, 3)
 
 
 def test_shift_never_past_box():
     rng = np.random.default_rng(0)
     box = (10, 5, 16, 9)
-    window = pp.crop_window(box, 'FIX', 12)
+    window = im.crop_window(box, 'FIX', 12)
     seen = set()
     for _ in range(200):
-        w = pp.shift_window(window, box, rng)
+        w = im.shift_window(window, box, rng)
         assert w[2] - w[0] == window[2] - window[0] and w[3] - w[1] == window[3] - window[1]
         assert w[0] <= box[0] and w[1] <= box[1] and w[2] >= box[2] and w[3] >= box[3]
         seen.add(w)

@@ -198,3 +198,25 @@ def test_pos_neg_only_data(elpv_small, tmp_path, nb_classes):
          '--pred_save_path', tmp_path / 'p', '--pred_eval', 'True', '--num_workers', '0'])
     table = pd.read_csv(tmp_path / 'p' / 'predictions.csv')
     assert set(table['label']) == {'neg', 'pos'} and (tmp_path / 'p' / 'graphs' / 'roc.png').is_file()
+
+
+def test_label_list_maps_user_folders(elpv_small, tmp_path):
+    root = tmp_path / 'raw'
+    for label, folder in (('pos', 'crack'), ('neg', 'ok')):
+        shutil.copytree(elpv_small / label, root / folder)  # a raw root with the user's own folder names
+    with pytest.raises(DataError, match='unknown class folder'):
+        run(train_argv(root, tmp_path / 'no_map', '--epochs', '1'))
+    with pytest.raises(DataError, match='label must be one of'):
+        run(train_argv(root, tmp_path / 'bad_map', '--epochs', '1', '--label_list', 'crack=broken', 'ok=neg'))
+    summary = run(train_argv(root, tmp_path / 'o', '--epochs', '1', '--label_list', 'crack=pos', 'ok=neg'))
+    split = next((root / 'splits').iterdir())
+    train = pd.read_csv(split / 'train.csv')
+    assert set(train['label']) == {'neg', 'pos'}
+    assert train[train['label'] == 'pos']['path'].str.startswith('crack/').all()
+    assert summary['test']['n'] == 5
+    # prediction on the raw root maps the folders with the mapping saved in the checkpoint
+    run(['--pred', 'True', '--resume', tmp_path / 'o' / 'checkpoint-best.pth', '--eval_data_path', root,
+         '--eval_split', 'all', '--pred_save_path', tmp_path / 'p', '--num_workers', '0'])
+    table = pd.read_csv(tmp_path / 'p' / 'predictions.csv')
+    assert len(table) == 20 and set(table['label']) == {'neg', 'pos'}
+    assert (table[table['path'].str.contains('/crack/')]['label'] == 'pos').all()

@@ -1,0 +1,166 @@
+"""Saving and restoring runs: training checkpoints (with RNG state), the resume point, and models for inference.
+
+A training checkpoint (``checkpoint-last.pth``, ``checkpoint-best.pth``) holds everything a run needs to continue
+exactly: model, optimizer, LR scheduler, gradient scaler, EMA weights, epoch, best metric so far, the flags (``args``)
+and the RNG states; its ``kind`` says which loop wrote it ('classifier' or 'fcmae'). Everything in it loads with
+``torch.load(weights_only=True)``, so a checkpoint cannot execute code.
+"""
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from distributed import is_main_process
+from models import build_model, load_pretrained, read_checkpoint
+from utils import DataError, atomic_torch_save, atomic_write_text, rng_state, set_rng_state
+
+log = logging.getLogger('checkpoint')
+KINDS = ('classifier', 'fcmae')
+# flags that describe the model and its input: for --eval/--pred they come from the checkpoint unless given
+CHECKPOINT_FLAGS = ('model', 'nb_classes', 'in_chans', 'input_size', 'normalize', 'crop_pct', 'use_bbox', 'padding',
+                    'padding_size', 'soft_label_ratio', 'test_val_ratio', 'seed', 'split_seed', 'label_list',
+                    'use_softlabel')
+
+
+def check_output_dir(args):
+    """Refuse an output folder that already holds a run unless resuming (nothing is ever overwritten silently).
+
+    Raises:
+        DataError: ``--output_dir`` holds checkpoint-last.pth, finished.json or log.txt and no resume was asked.
+    """
+    out = Path(args.output_dir)
+    held = [n for n in ('checkpoint-last.pth', 'finished.json', 'log.txt') if (out / n).exists()]
+    if held and not (args.resume or args.auto_resume):
+        raise DataError(f'{out}: already holds a run ({", ".join(held)}); pass --auto_resume True to continue it, '
+                        f'or choose another --output_dir')
+
+
+def resume_point(args):
+    """Where a run in ``--output_dir`` starts: ``--resume``, else with ``--auto_resume`` its checkpoint-last.pth.
+
+    Returns:
+        (checkpoint path or None, the finished.json summary when ``--auto_resume`` finds the run finished, else None).
+    """
+    out = Path(args.output_dir)
+    if args.auto_resume and (out / 'finished.json').is_file():
+        print(f'{out}: run already finished; nothing to do')
+        return None, json.loads((out / 'finished.json').read_text())
+    if args.resume:
+        return args.resume[0], None
+    last = out / 'checkpoint-last.pth'
+    return (str(last) if args.auto_resume and last.is_file() else None), None
+
+
+def save_checkpoint(path, kind, model, optimizer, epoch, args, *, lr_scheduler=None, scaler=None, model_ema=None,
+                    state=None):
+    """Write a full training checkpoint atomically (``utils.atomic_torch_save``).
+
+    Args:
+        path: file to write. kind: one of ``KINDS``. model: the unwrapped module. epoch: int, the finished epoch.
+        args: argparse.Namespace of the run. state: dict of loop state (best metric, best epoch...) stored at the top
+            level.
+    """
+    atomic_torch_save({
+        'kind': kind, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+        'lr_scheduler': lr_scheduler.state_dict() if lr_scheduler is not None else None,
+        'scaler': scaler.state_dict() if scaler is not None else None,
+        'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
+        'epoch': epoch, 'args': dict(vars(args)), 'rng': rng_state(), **(state or {}),
+    }, path)
+
+
+def checkpoint_kind(ckpt):
+    """Which loop wrote a training checkpoint: its ``kind``, or for older files the ``pretrain`` flag it saved."""
+    return ckpt.get('kind') or ('fcmae' if ckpt.get('args', {}).get('pretrain') else 'classifier')
+
+
+def load_model_state(model, state_dict, path):
+    """Load a checkpoint's weights strictly.
+
+    Raises:
+        DataError: naming the file, when the weights belong to another model.
+    """
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        first = [line.strip() for line in str(e).splitlines() if line.strip()][1:2]
+        raise DataError(f'{path}: checkpoint does not fit --model {model.__class__.__name__} '
+                        f'({first[0][:160] if first else "keys differ"})') from None
+
+
+def restore_checkpoint(path, kind, model, optimizer, *, lr_scheduler=None, scaler=None, model_ema=None):
+    """Continue a run from a training checkpoint: weights, optimizer, scheduler, scaler, EMA and RNG states.
+
+    Args:
+        path: checkpoint written by ``save_checkpoint``. kind: the loop that continues ('classifier' or 'fcmae').
+
+    Returns:
+        (int epoch to start at, dict of the loop state saved at the checkpoint's top level).
+
+    Raises:
+        DataError: unreadable file, not a training checkpoint, a checkpoint of the other kind, or of another model.
+    """
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'optimizer' not in ckpt or 'epoch' not in ckpt:
+        raise DataError(f'{path}: not a training checkpoint of main.py (use --finetune for plain weights)')
+    if checkpoint_kind(ckpt) != kind:
+        hint = 'continue it with --pretrain True' if checkpoint_kind(ckpt) == 'fcmae' else \
+            'FCMAE pretraining continues only its own checkpoints'
+        raise DataError(f'{path}: a {checkpoint_kind(ckpt)} checkpoint cannot continue a {kind} run ({hint}; '
+                        f'to start from its weights use --finetune)')
+    load_model_state(model, ckpt['model'], path)
+    optimizer.load_state_dict(ckpt['optimizer'])
+    if lr_scheduler is not None and ckpt.get('lr_scheduler'):
+        lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
+    if scaler is not None and ckpt.get('scaler'):
+        scaler.load_state_dict(ckpt['scaler'])
+    if model_ema is not None and ckpt.get('model_ema'):
+        model_ema.module.load_state_dict(ckpt['model_ema'])
+    if ckpt.get('rng'):
+        set_rng_state(ckpt['rng'])
+    start_epoch = ckpt['epoch'] + 1
+    log.info(f'resumed from {path} at epoch {start_epoch}')
+    state = {k: v for k, v in ckpt.items() if k not in ('kind', 'model', 'optimizer', 'lr_scheduler', 'scaler',
+                                                        'model_ema', 'epoch', 'args', 'rng')}
+    return start_epoch, state
+
+
+def trim_log(path, start_epoch):
+    """Drop the JSON lines of epochs >= ``start_epoch`` from a run's log.txt (a run killed after logging an epoch but
+    before its checkpoint logs it again on resume). Main process only; atomic."""
+    path = Path(path)
+    if not is_main_process() or not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get('epoch', -1) < start_epoch]
+    atomic_write_text(''.join(f'{line}\n' for line in kept), path)
+
+
+def load_for_inference(path, args, explicit):
+    """Build the model a checkpoint was trained as and load its weights.
+
+    Architecture and preprocessing flags (``CHECKPOINT_FLAGS``) come from the checkpoint's saved args unless given
+    on the command line.
+
+    Args:
+        path: checkpoint file. args: argparse.Namespace of main.py. explicit: set of flag names given by the user.
+
+    Returns:
+        (model on CPU in eval mode, argparse.Namespace of the effective flags).
+
+    Raises:
+        DataError: unreadable checkpoint or weights of another architecture.
+    """
+    ckpt = read_checkpoint(path)
+    saved = ckpt.get('args', {}) if isinstance(ckpt, dict) else {}
+    run_args = argparse.Namespace(**vars(args))
+    for k in CHECKPOINT_FLAGS:
+        if k in saved and k not in explicit:
+            setattr(run_args, k, saved[k])
+    model = build_model(run_args)
+    key = 'model_ema' if 'model_ema' in args.model_key.split('|')[0] and ckpt.get('model_ema') else 'model'
+    if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+        load_model_state(model, ckpt[key], path)
+    else:
+        load_pretrained(model, path, args.model_key)
+    return model.eval(), run_args

@@ -1,0 +1,189 @@
+"""Run plumbing shared by training, FCMAE pretraining, evaluation, prediction and the benchmark: the device and its
+precision, data loaders, the decode-once image cache, Datasets from flags, and model placement.
+
+Every function takes main.py's flags (an ``argparse.Namespace``) and turns them into objects; the rules of what the
+objects do live in the modules they come from (datasets, engine, models, distributed).
+"""
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from datasets import (DefectDataset, ImageCache, build_transform, cache_fits, cache_side, collate_skip,
+                      is_split_folder, label_counts, load_splits, upsample)
+from distributed import ShardSampler, init_distributed, is_distributed, main_first, world_size
+from engine import DeviceSettings
+from labels import LABELS
+from preprocess_data import drop_boxes, split_name
+from utils import DataError
+
+log = logging.getLogger('runtime')
+
+
+def split_seed(args):
+    """Seed of the data split: --split_seed, or --seed when it is not given (argparse.Namespace -> int)."""
+    return args.split_seed if getattr(args, 'split_seed', None) is not None else args.seed
+
+
+def resolve_device(name):
+    """torch.device for --device (auto: CUDA when available, else CPU); under torchrun, this process's GPU.
+
+    Raises:
+        DataError: CUDA asked for but not available.
+    """
+    if name != 'auto' and name.startswith('cuda') and not torch.cuda.is_available():
+        raise DataError(f'--device {name}: CUDA is not available on this machine')
+    if name not in ('auto', 'cpu', 'cuda') and not is_distributed():
+        return torch.device(name)
+    return init_distributed(name)[0]
+
+
+def device_settings(args, device=None):
+    """``engine.DeviceSettings`` from the flags --device, --use_amp, --amp_dtype and --channels_last.
+
+    Args:
+        args: argparse.Namespace. device: torch.device already resolved (default: ``resolve_device(args.device)``).
+    """
+    return DeviceSettings(device if device is not None else resolve_device(args.device), bool(args.use_amp),
+                          args.amp_dtype, bool(args.channels_last))
+
+
+def default_workers(world_size=1):
+    """DataLoader workers per process: the CPU cores this process may use, shared among the processes, minus one
+    for the training loop itself; at least 0 and at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(1, world_size) - 1))
+
+
+def make_loader(dataset, args, device, train):
+    """DataLoader over a DefectDataset (skipped images dropped by ``collate_skip``); a batch twice as large to
+    evaluate. Under torchrun, training uses ``DistributedSampler`` and evaluation ``ShardSampler``.
+
+    Args:
+        dataset: torch Dataset. args: flags (batch_size, num_workers, pin_mem, seed). device: torch.device.
+        train: shuffle with a seeded generator (``loader.generator``) and drop the last partial batch.
+    """
+    workers = args.num_workers if args.num_workers >= 0 else default_workers(world_size())
+    sampler, generator = None, None
+    if is_distributed():
+        sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True) if train \
+            else ShardSampler(dataset)
+    elif train:
+        generator = torch.Generator()
+        generator.manual_seed(args.seed)
+    return DataLoader(dataset, batch_size=args.batch_size if train else args.batch_size * 2,
+                      shuffle=train and sampler is None, sampler=sampler,
+                      drop_last=train and len(dataset) > args.batch_size, num_workers=workers,
+                      pin_memory=args.pin_mem and device.type == 'cuda', collate_fn=collate_skip,
+                      persistent_workers=workers > 0, generator=generator)
+
+
+def seed_loader(loader, seed, epoch):
+    """Make an epoch's sample order a function of (seed, epoch), resumed or not: ``DistributedSampler.set_epoch``
+    under torchrun, else the training loader's generator reseeded with seed + epoch."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    else:
+        loader.generator.manual_seed(seed + epoch)
+
+
+def make_cache(args, n_images, folder=None):
+    """ImageCache for --cache (None for none); its file goes into ``folder`` (a split folder's cache/) if given."""
+    side = cache_side(args.input_size, args.crop_pct)
+    mode = args.cache
+    if mode == 'auto':
+        mode = 'file' if cache_fits(n_images, side) else 'none'
+        if mode == 'none':
+            log.info(f'{n_images} images at {side} px do not fit in memory: decoding them each epoch')
+    if mode == 'none':
+        return None
+    return ImageCache(side, Path(folder) / f'images_{side}px.pkl' if mode == 'file' and folder else None)
+
+
+def cache_folder(data_path, args):
+    """Folder for the image cache file of a data path: ``<split folder>/cache`` (None for a plain folder)."""
+    path = Path(data_path)
+    if is_split_folder(path):
+        return path / 'cache'
+    if (path / 'list.csv').is_file() or (path / 'splits').is_dir():
+        return path / 'splits' / split_name(*args.test_val_ratio, split_seed(args)) / 'cache'
+    return None
+
+
+def eval_cache(data, args, n_images):
+    """Image cache for evaluation/prediction: the split's cache file when the data is a prepared root, else none
+    (one pass over a plain folder gains nothing from a cache)."""
+    folder = cache_folder(data, args)
+    return make_cache(args, n_images, folder) if folder is not None else None
+
+
+def make_dataset(frame, args, train, cache=None):
+    """DefectDataset with the transforms of ``args`` (one sample per image unless --use_bbox True)."""
+    return DefectDataset(frame if args.use_bbox else drop_boxes(frame), build_transform(train, args),
+                         in_chans=args.in_chans, padding=args.padding, padding_size=args.padding_size,
+                         use_shift=train and args.use_shift, strict=args.strict_images, cache=cache)
+
+
+@dataclass
+class TrainingData:
+    """The data of a training run: split lists (DataFrames), Datasets, loaders (val_loader None without a validation
+    split) and the image cache (None without one)."""
+    splits: dict
+    train_set: DefectDataset
+    val_set: DefectDataset
+    train_loader: DataLoader
+    val_loader: DataLoader
+    cache: ImageCache
+
+
+def load_training_data(args, device):
+    """Split lists, the upsampled training list, the image cache, Datasets and loaders of a training run.
+
+    Rank 0 makes the split and the image cache file first; under torchrun the other processes then reuse them.
+
+    Raises:
+        DataError: see ``datasets.load_splits``; an empty training split or one with unlabelled samples.
+    """
+    splits = main_first(lambda: load_splits(args.data_path, args.test_val_ratio, split_seed(args), args.label_list))
+    train_frame = splits['train']
+    if not len(train_frame) or not train_frame['label'].isin(LABELS).all():
+        raise DataError(f'{args.data_path[0]}: the training split is empty or has unlabelled samples')
+    log.info(f'train {label_counts(train_frame)}, val {label_counts(splits["val"]) if len(splits["val"]) else {}}, '
+             f'test {label_counts(splits["test"]) if len(splits["test"]) else {}}')
+    train_frame = upsample(train_frame, args.upsample, args.seed)
+    cache = make_cache(args, sum(len(f) for f in splits.values()), cache_folder(args.data_path[0], args))
+    train_set, val_set = main_first(lambda: (make_dataset(train_frame, args, True, cache),
+                                             make_dataset(splits['val'], args, False, cache)))
+    return TrainingData(splits, train_set, val_set, make_loader(train_set, args, device, True),
+                        make_loader(val_set, args, device, False) if len(val_set) else None, cache)
+
+
+def prepare_model(model, args, dev):
+    """Move a model to the device (channels_last when asked) and wrap it for training/inference.
+
+    Args:
+        model: nn.Module. args: flags (compile, in_chans, input_size). dev: ``engine.DeviceSettings``.
+
+    Returns:
+        the module to call: ``model`` itself, DDP under torchrun (trainable models in training mode), and/or
+        torch.compile'd (``--compile True``; eager with a warning when compiling fails).
+    """
+    model.to(dev.device, memory_format=dev.memory_format)
+    run_model = model
+    if is_distributed() and any(p.requires_grad for p in model.parameters()) and model.training:
+        device_ids = [dev.device.index] if dev.device.type == 'cuda' else None
+        run_model = DistributedDataParallel(model, device_ids=device_ids)
+    if args.compile:
+        try:
+            compiled = torch.compile(run_model)
+            with torch.no_grad():  # compile now, so that a failure falls back here and not mid-epoch
+                compiled(dev.inputs(torch.zeros(2, args.in_chans, args.input_size, args.input_size)))
+            run_model = compiled
+        except Exception as e:  # compiler back ends raise many kinds of errors
+            log.warning(f'--compile True: torch.compile failed ({e.__class__.__name__}: '
+                        f'{str(e).splitlines()[0][:160] if str(e) else ""}); running eagerly')
+    return run_model
