@@ -43,8 +43,7 @@ def pipeline_args(opts, tuned):
              '--num_workers', str(opts.num_workers), '--device', opts.device, '--data_path', opts.data_path,
              '--test_val_ratio', *map(str, opts.test_val_ratio)]
     if tuned:
-        flags += ['--cache', 'memory', '--use_amp', 'True', '--channels_last', 'True',
-                  '--compile', str(opts.compile)]
+        flags += ['--cache', 'memory', '--use_amp', 'auto', '--channels_last', 'auto', '--compile', str(opts.compile)]
     else:
         flags += ['--cache', 'none', '--use_amp', 'False', '--channels_last', 'False']
     return cli.get_args_parser().parse_args(flags)

@@ -43,11 +43,34 @@ class PerImageStandardize:
         return 'PerImageStandardize()'
 
 
+class RandomRot90:
+    """Turn a PIL image by 90, 180 or 270 degrees (equally likely) with probability ``p``; exact (no resampling).
+
+    Defect images (solar cells, wafers, tiles) have no up or down, so the turns with the flips give the eight
+    symmetries of the square (the augmentation the published ELPV CNN used, Deitsch et al. 2019). Randomness comes
+    from torch's RNG, so DataLoader workers are seeded as usual.
+    """
+
+    def __init__(self, p=0.5):
+        self.p = float(p)
+
+    def __call__(self, img):
+        if self.p <= 0 or torch.rand(()).item() >= self.p:
+            return img
+        turn = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
+        return img.transpose(turn[int(torch.randint(3, ()).item())])
+
+    def __repr__(self):
+        return f'RandomRot90(p={self.p})'
+
+
 def build_transform(is_train, args):
     """timm transforms (``timm.data.create_transform``) for training or evaluation.
 
-    Training: RandomResizedCrop(scale=``--scale``) to ``--input_size``, ``--hflip``/``--vflip``, ``--color_jitter``,
-    ``--aa`` RandAugment, ``--reprob`` random erasing. Evaluation: resize to input_size / ``--crop_pct``, centre crop.
+    Training: ``--rot90`` turns (``RandomRot90``) and ``--rotation`` small rotations (torchvision
+    ``RandomRotation``, degrees, zero fill) on the decoded image, then RandomResizedCrop(scale=``--scale``) to
+    ``--input_size``, ``--hflip``/``--vflip``, ``--color_jitter``, ``--aa`` RandAugment, ``--reprob`` random erasing.
+    Evaluation: resize to input_size / ``--crop_pct``, centre crop.
     Normalisation: ``--normalize imagenet`` (ImageNet mean/std) or ``per_image`` (``PerImageStandardize``).
 
     Returns:
@@ -63,6 +86,10 @@ def build_transform(is_train, args):
                               auto_augment=args.aa if args.aa and args.aa.lower() != 'none' else None,
                               interpolation='bicubic', re_prob=args.reprob, re_mode='pixel', re_count=1,
                               mean=mean, std=std)
+        geometric = ([RandomRot90(args.rot90)] if getattr(args, 'rot90', 0) > 0 else []) + \
+            ([transforms.RandomRotation(args.rotation, interpolation=transforms.InterpolationMode.BILINEAR)]
+             if getattr(args, 'rotation', 0) > 0 else [])
+        tf = transforms.Compose([*geometric, tf]) if geometric else tf
     else:
         tf = create_transform(args.input_size, is_training=False, interpolation='bicubic', crop_pct=args.crop_pct,
                               mean=mean, std=std)
@@ -375,6 +402,6 @@ def balanced_label_weights(frame):
     return out
 
 
-__all__ = ['DefectDataset', 'ImageCache', 'PerImageStandardize', 'balanced_label_weights', 'build_transform',
-           'cache_fits', 'cache_side', 'check_files_exist', 'collate_skip', 'is_split_folder', 'label_counts',
-           'load_eval_frame', 'load_splits', 'upsample']
+__all__ = ['DefectDataset', 'ImageCache', 'PerImageStandardize', 'RandomRot90', 'balanced_label_weights',
+           'build_transform', 'cache_fits', 'cache_side', 'check_files_exist', 'collate_skip', 'is_split_folder',
+           'label_counts', 'load_eval_frame', 'load_splits', 'upsample']

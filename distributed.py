@@ -68,6 +68,16 @@ def main_first(fn):
     return fn()
 
 
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every process (``torch.distributed.broadcast_object_list``); ``obj`` itself without a
+    process group. Only for small picklable values that this program made (never data read from files)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier():
     """Wait for every process (no-op for one process)."""
     if is_distributed():

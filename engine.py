@@ -183,12 +183,30 @@ def train_one_epoch(model, criterion, loader, optimizer, dev, epoch, *, lr_sched
             'skipped': int(all_reduce_sum(expected - loaded)), 'updates': update_count, 'data_time': data_time}
 
 
+def dihedral_views(images):
+    """The eight symmetries of the square of a batch (four turns, each also mirrored): test-time augmentation for
+    images with no up or down.
+
+    Args:
+        images: float tensor [B, C, H, W] with H == W.
+
+    Returns:
+        list of 8 tensors [B, C, H, W], the identity first.
+    """
+    views = []
+    for k in range(4):
+        turned = torch.rot90(images, k, dims=(-2, -1))
+        views += [turned, turned.flip(-1)]
+    return views
+
+
 @torch.inference_mode()
-def predict_probs(model, loader, dev, desc='eval'):
+def predict_probs(model, loader, dev, desc='eval', tta=False):
     """Class probabilities of every image the loader yields, gathered from all processes under torchrun.
 
     Args:
         model: classifier. loader: DataLoader of (images, labels, indices) batches or None. dev: ``DeviceSettings``.
+        tta: average the softmax over the eight ``dihedral_views`` of each image (8x the compute).
 
     Returns:
         (float32 array [N, C] softmax probabilities, int64 array [N] sample indices, sorted); images skipped by the
@@ -201,9 +219,13 @@ def predict_probs(model, loader, dev, desc='eval'):
         if batch is None:
             continue
         images, _, index = batch
-        with dev.autocast():
-            logits = model(dev.inputs(images))
-        probs.append(logits.float().softmax(-1).cpu())
+        views = dihedral_views(images) if tta else [images]
+        p = 0
+        for view in views:
+            with dev.autocast():
+                logits = model(dev.inputs(view.contiguous()))
+            p = p + logits.float().softmax(-1)
+        probs.append((p / len(views)).cpu())
         indices.append(index)
     probs = torch.cat(probs).numpy() if probs else np.zeros((0, 0), np.float32)
     indices = torch.cat(indices).numpy() if indices else np.zeros(0, np.int64)
@@ -238,18 +260,19 @@ def frame_metrics(frame, probs, indices, conf=0.5, soft_label_ratio=0.7):
     return metrics
 
 
-def evaluate(model, loader, dev, frame, *, conf=0.5, soft_label_ratio=0.7, desc='eval'):
+def evaluate(model, loader, dev, frame, *, conf=0.5, soft_label_ratio=0.7, desc='eval', tta=False):
     """Evaluate a model on a labelled sample list (``predict_probs``, then ``frame_metrics``).
 
     Args:
         model: classifier with a 2- or 4-class head. loader: DataLoader over ``DefectDataset(frame)``.
         dev: ``DeviceSettings``.
         frame: the sample list (label, optional defect_prob, optional type). conf: threshold on P(defect).
+        tta: test-time augmentation (see ``predict_probs``).
 
     Returns:
         (metrics dict, float32 probs [N', C], int64 indices [N']).
     """
-    probs, indices = predict_probs(model, loader, dev, desc)
+    probs, indices = predict_probs(model, loader, dev, desc, tta)
     return frame_metrics(frame, probs, indices, conf, soft_label_ratio), probs, indices
 
 
@@ -349,5 +372,6 @@ def format_metrics(metrics, keys=('acc', 'auroc', 'f1', 'ece', 'brier', 'acc4'))
     return ' '.join(f'{k} {metrics[k]:.4f}' for k in keys if k in metrics)
 
 
-__all__ = ['DeviceSettings', 'build_optimizer', 'evaluate', 'format_metrics', 'frame_metrics', 'predict_probs',
-           'prediction_table', 'save_predictions', 'train_one_epoch', 'write_prediction_report']
+__all__ = ['DeviceSettings', 'build_optimizer', 'dihedral_views', 'evaluate', 'format_metrics', 'frame_metrics',
+           'optimizer_step', 'predict_probs', 'prediction_table', 'save_predictions', 'train_one_epoch',
+           'write_prediction_report']

@@ -31,9 +31,10 @@ from metrics import is_better
 from models import build_model, check_input_size, load_pretrained, read_checkpoint
 from predict import predict_checkpoint, predict_ensemble
 from runlog import RunLog
-from runtime import device_settings, load_training_data, make_dataset, make_loader, prepare_model, seed_loader
+from runtime import (device_settings, load_training_data, make_dataset, make_loader, prepare_model, resolve_device,
+                     seed_loader)
 from softLabelLoss import LOSS_FUNCTIONS, SoftLabelLoss
-from utils import DataError, atomic_write_json, run_cli, seed_everything, str2bool
+from utils import DataError, atomic_write_json, run_cli, seed_everything, str2bool, str2bool_or_auto
 
 log = logging.getLogger('main')
 
@@ -84,6 +85,8 @@ def add_augmentation_flags(p):
                    help="RandomResizedCrop area range (timm's ImageNet 0.08 1 shrinks thin defects out of sight)")
     g.add_argument('--hflip', type=float, default=0.5)
     g.add_argument('--vflip', type=float, default=0.5, help='defect images have no up or down')
+    g.add_argument('--rot90', type=float, default=0.0, help='probability of a random 90/180/270-degree turn')
+    g.add_argument('--rotation', type=float, default=0.0, help='random rotation within +-DEG degrees')
     g.add_argument('--color_jitter', type=float, default=0.0)
     g.add_argument('--aa', default='none', help='RandAugment policy, e.g. rand-m9-mstd0.5-inc1; none to disable')
     g.add_argument('--reprob', type=float, default=0.0, help='random erasing probability')
@@ -144,9 +147,11 @@ def add_run_flags(p):
     g.add_argument('--split_seed', type=int, default=None, help='seed of the train/val/test split (default --seed)')
     g.add_argument('--resume', nargs='+', default=None, help='checkpoint(s): continue training, or --eval/--pred')
     g.add_argument('--auto_resume', type=str2bool, default=False, help='continue from OUTPUT/checkpoint-last.pth')
-    g.add_argument('--use_amp', type=str2bool, default=False, help='bf16 autocast on CPU, fp16/bf16 on CUDA')
+    g.add_argument('--use_amp', type=str2bool_or_auto, default='auto',
+                   help='bf16 autocast on CPU, bf16 (fp16 where unsupported) on CUDA; auto: measured per machine')
     g.add_argument('--amp_dtype', default='bfloat16', choices=['bfloat16', 'float16'])
-    g.add_argument('--channels_last', type=str2bool, default=True, help='NHWC memory format (faster convolutions)')
+    g.add_argument('--channels_last', type=str2bool_or_auto, default='auto',
+                   help='NHWC memory format; auto: measured per machine with --use_amp')
     g.add_argument('--compile', type=str2bool, default=False, help='torch.compile the model (eager on failure)')
     g.add_argument('--early_stop', type=str2bool, default=False)
     g.add_argument('--early_stop_epoch', type=int, default=10, help='epochs without improvement before stopping')
@@ -176,6 +181,8 @@ def add_prediction_flags(p):
     g.add_argument('--pred_eval_name', default='', help='prefix of the graph file names')
     g.add_argument('--conf', type=float, default=0.5, help='decision threshold on P(defect)')
     g.add_argument('--several_models', type=str2bool, default=False, help='average the --resume checkpoints')
+    g.add_argument('--tta', type=str2bool, default=False,
+                   help='test-time augmentation: average over the 8 flips and turns (test split, --eval, --pred)')
 
 
 def get_args_parser():
@@ -264,7 +271,8 @@ def test_best(args, model, data, dev, state, epochs_run):
         model.load_state_dict(read_checkpoint(out / 'checkpoint-best.pth')['model'])
         test_set = make_dataset(data.splits['test'], args, False, data.cache)
         metrics, _, _ = evaluate(model, make_loader(test_set, args, dev.device, False), dev, test_set.frame,
-                                 conf=args.conf, soft_label_ratio=args.soft_label_ratio, desc='test')
+                                 conf=args.conf, soft_label_ratio=args.soft_label_ratio, desc='test',
+                                 tta=args.tta)
         summary['test'] = metrics
         if is_main_process():
             atomic_write_json(metrics, out / 'metrics.json')
@@ -376,7 +384,8 @@ def eval_data(args):
 def run_eval(args, explicit):
     """--eval: metrics of one checkpoint on --eval_data_path (its --eval_split); writes metrics.json."""
     data = eval_data(args)
-    probs, indices, frame, run_args = predict_checkpoint(args.resume[0], data, args, explicit, device_settings(args))
+    probs, indices, frame, run_args = predict_checkpoint(args.resume[0], data, args, explicit,
+                                                         resolve_device(args.device))
     metrics = frame_metrics(frame, probs, indices, args.conf, run_args.soft_label_ratio)
     if not metrics.get('n'):
         raise DataError(f'{data}: no labelled image to evaluate; use --pred True for unlabelled images')
@@ -393,7 +402,7 @@ def run_pred(args, explicit):
     """--pred: predictions.csv, sorted copies and graphs for one or several checkpoints (averaged with
     --several_models True)."""
     data = eval_data(args)
-    dev = device_settings(args)
+    device = resolve_device(args.device)
     out_root = Path(args.pred_save_path or Path(args.output_dir) / 'pred')
     groups = [args.resume] if args.several_models else [[c] for c in args.resume]
     outs = [out_root if len(groups) == 1 else out_root / Path(g[0]).parent.name / Path(g[0]).stem for g in groups]
@@ -402,7 +411,7 @@ def run_pred(args, explicit):
         raise DataError(f'{held[0]}: already holds a prediction report; choose another --pred_save_path')
     results = []
     for group, out in zip(groups, outs):
-        probs, indices, frame, run_args = predict_ensemble(group, data, args, explicit, dev)
+        probs, indices, frame, run_args = predict_ensemble(group, data, args, explicit, device)
         if not is_main_process():
             continue
         report = write_prediction_report(frame, probs, indices, run_args.nb_classes, out, args.conf,

@@ -102,19 +102,23 @@ def run(args):
     resume, finished = resume_point(args)
     if finished is not None:
         return finished
-    dev = device_settings(args)
     seed_everything(args.seed)
 
     # build: data, model, optimisation
     frame = pd.concat([pretrain_frame(p, args) for p in args.data_path], ignore_index=True)
     cache = make_cache(args, len(frame), cache_folder(args.data_path[0], args))
     dataset = make_dataset(frame, args, True, cache)
-    loader = make_loader(dataset, args, dev.device, True)
+
+    def build():
+        return FCMAE(args.model, args.in_chans, args.mask_ratio, args.decoder_depth, args.decoder_embed_dim,
+                     args.norm_pix_loss, args.drop_path)
+
     try:
-        model = FCMAE(args.model, args.in_chans, args.mask_ratio, args.decoder_depth, args.decoder_embed_dim,
-                      args.norm_pix_loss, args.drop_path)
+        model = build()
     except ValueError as e:
         raise DataError(f'--model {args.model}: {e}') from None
+    dev = device_settings(args, build=build)
+    loader = make_loader(dataset, args, dev.device, True)
     run_model = prepare_model(model, args, dev)
     optimizer, lr_scheduler = build_optimizer(model, args, len(loader), betas=(0.9, 0.95), layer_decay=None)
     log.info(f'FCMAE {args.model}: {len(dataset)} images, mask ratio {args.mask_ratio}, decoder '

@@ -18,6 +18,8 @@ from datasets import (DefectDataset, ImageCache, build_transform, cache_fits, ca
 from distributed import ShardSampler, init_distributed, is_distributed, main_first, world_size
 from engine import DeviceSettings
 from labels import LABELS
+from models import build_model
+from precision import choose as choose_precision
 from preprocess_data import drop_boxes, split_name
 from utils import DataError
 
@@ -42,14 +44,20 @@ def resolve_device(name):
     return init_distributed(name)[0]
 
 
-def device_settings(args, device=None):
+def device_settings(args, device=None, build=None):
     """``engine.DeviceSettings`` from the flags --device, --use_amp, --amp_dtype and --channels_last.
+
+    ``auto`` values are decided for this machine (``precision.choose``: a timed probe of the model, remembered per
+    machine) and written back into ``args``, so that args.json and checkpoints record what the run used.
 
     Args:
         args: argparse.Namespace. device: torch.device already resolved (default: ``resolve_device(args.device)``).
+        build: callable returning a fresh model to probe (default: the classifier of ``args``).
     """
-    return DeviceSettings(device if device is not None else resolve_device(args.device), bool(args.use_amp),
-                          args.amp_dtype, bool(args.channels_last))
+    device = device if device is not None else resolve_device(args.device)
+    build = build or (lambda: build_model(args))
+    args.use_amp, args.channels_last, args.amp_dtype = choose_precision(args, device, build)
+    return DeviceSettings(device, args.use_amp, args.amp_dtype, args.channels_last)
 
 
 def default_workers(world_size=1):

@@ -33,6 +33,20 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f'expected True or False, got "{value}"')
 
 
+def str2bool_or_auto(value):
+    """Parse True/False like ``str2bool``, or 'auto' (any case) for a choice the program makes by measuring.
+
+    Raises:
+        argparse.ArgumentTypeError: any other value.
+    """
+    if str(value).strip().lower() == 'auto':
+        return 'auto'
+    try:
+        return str2bool(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f'expected True, False or auto, got "{value}"') from None
+
+
 def atomic_write(path, write, mode='w'):
     """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync it, then rename it onto ``path``.
 

@@ -17,11 +17,11 @@ $PY preprocess_data.py --source elpv --output "$DATA" --test_val_ratio 0.25 0.1 
 stamp "2/3 train convnext_atto from scratch, 2-class soft labels, $EPOCHS epochs at $SIZE px"
 $PY main.py --data_path "$DATA" --test_val_ratio 0.25 0.1 --seed 0 --model convnext_atto --nb_classes 2 \
     --use_softlabel True --soft_label_ratio 0.7 --input_size "$SIZE" --epochs "$EPOCHS" --batch_size 16 --lr 1e-3 \
-    --drop_path 0 --scale 0.8 1 --use_amp True --output_dir "$OUT" --auto_resume True --test False
+    --drop_path 0 --scale 0.8 1 --output_dir "$OUT" --auto_resume True --test False
 
 stamp "3/3 prediction report on the test split"
 rm -rf "$OUT/report"  # the demo's own report, written again
 $PY main.py --pred True --resume "$OUT/checkpoint-best.pth" --eval_data_path "$DATA" --eval_split test \
-    --pred_save_path "$OUT/report" --pred_save True --pred_eval True --pred_eval_name elpv_test --use_amp True \
+    --pred_save_path "$OUT/report" --pred_save True --pred_eval True --pred_eval_name elpv_test \
     | tee "$OUT/report.txt"
 stamp "done"

@@ -1,4 +1,5 @@
 """Shared fixtures: a small real ELPV subset in the prepared-root layout, and synthetic images."""
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -9,6 +10,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 REFERENCE = ROOT.parent / 'shared' / 'reference'
+
+
+@pytest.fixture(scope='session', autouse=True)
+def precision_cache(tmp_path_factory):
+    """The --use_amp/--channels_last auto choices of this test session go into a file of its own, not the user's."""
+    path = tmp_path_factory.mktemp('precision') / 'precision.json'
+    os.environ['CONVNEXT_PRECISION_CACHE'] = str(path)
+    return path
 
 
 def elpv_source():

@@ -121,3 +121,21 @@ def test_balanced_label_weights():
 def test_per_image_standardize_constant_image():
     x = torch.full((3, 4, 4), 0.5)
     assert torch.isfinite(PerImageStandardize()(x)).all()
+
+
+def test_random_rot90_turns_exactly():
+    from PIL import Image
+    from datasets import RandomRot90
+    arr = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20  # not square, no symmetry
+    img = Image.fromarray(arr)
+    torch.manual_seed(0)
+    seen = {np.asarray(RandomRot90(1.0)(img)).tobytes() for _ in range(60)}
+    turns = {np.rot90(arr, k).tobytes() for k in (1, 2, 3)}
+    assert seen == turns  # every turn appears, never the image as it was
+    assert np.array_equal(np.asarray(RandomRot90(0.0)(img)), arr)
+    args = get_args_parser().parse_args(['--rot90', '0.5', '--rotation', '3', '--input_size', '32'])
+    tf = build_transform(True, args)
+    text = repr(tf)  # turns first, on the decoded image, then timm's crop and flips
+    assert text.index('RandomRot90(p=0.5)') < text.index('RandomRotation') < text.index('RandomResizedCrop')
+    assert tf(Image.fromarray(np.zeros((40, 40), np.uint8)).convert('RGB')).shape == (3, 32, 32)
+    assert 'RandomRot90' not in repr(build_transform(True, get_args_parser().parse_args([])))

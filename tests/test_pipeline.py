@@ -97,3 +97,25 @@ def test_cache_modes(mode, file_expected, tmp_path):
         assert cache is None
     else:
         assert (cache.path is not None) == file_expected
+
+
+def test_tta_averages_the_eight_symmetries():
+    from engine import DeviceSettings, dihedral_views, predict_probs
+    torch.manual_seed(0)
+    images = torch.randn(5, 3, 16, 16)
+    views = dihedral_views(images)
+    assert len(views) == 8 and torch.equal(views[0], images)
+    assert len({v[0].numpy().tobytes() for v in views}) == 8  # all different for a generic image
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 14 * 14, 2))
+
+    def loader(x):
+        return [(x, torch.zeros(len(x), dtype=torch.long), torch.arange(len(x)))]
+
+    dev = DeviceSettings()
+    plain, _ = predict_probs(model, loader(images), dev)
+    tta, _ = predict_probs(model, loader(images), dev, tta=True)
+    expected = torch.stack([model(v).softmax(-1) for v in views]).mean(0).detach().numpy()
+    assert np.allclose(tta, expected, atol=1e-6) and not np.allclose(tta, plain, atol=1e-3)
+    # the prediction no longer depends on how the image was turned
+    turned, _ = predict_probs(model, loader(torch.rot90(images, 1, dims=(-2, -1))), dev, tta=True)
+    assert np.allclose(turned, tta, atol=1e-5)
