@@ -1,12 +1,20 @@
 """Speed and memory benchmark of the training, evaluation and prediction pipelines (prints figures; not a test).
 
+    python benchmark.py --data_path data/elpv --model convnext_atto --input_size 224 --batch_size 32 --peer timm
     python benchmark.py --data_path data/elpv --model convnext_atto --input_size 224 --batch_size 32 --compare True
 
-For one model, input size and batch size it prints: training images/s (with the data loader's share of the step
-time), evaluation images/s, prediction-mode images/s end to end (files in, predictions.csv and sorted image copies
-out), and peak resident memory. The tuned pipeline decodes images once (``--cache memory``), runs bf16 autocast
-(CPU) or fp16 (CUDA) and channels_last; ``--compare True`` runs the plain pipeline too (no cache, fp32, contiguous
-memory) in the same process, and prints each figure's ratio.
+For one model, input size and batch size it prints training images/s in steady state (the loader's worker start-up
+and the warm-up steps lie outside the timed window), the loader's share of that time, evaluation and prediction-mode
+images/s (files in, predictions.csv and sorted copies out), peak resident memory, and the fraction of the machine's
+measured GEMM peak the training reaches (model FLOPs per image x images/s; FLOPs counted by torch's
+``FlopCounterMode``, forward and backward). Each pipeline runs in its own process:
+
+- tuned: this project's pipeline as main.py runs it (decode-once cache, ``--use_amp auto --channels_last auto``).
+- plain (``--compare True``): no cache, fp32, contiguous memory.
+- timm (``--peer timm``): a training loop built from timm's public pieces as timm's train.py builds it: timm's
+  ImageFolder dataset and ``create_loader`` over the same training images, ``create_model``, ``create_optimizer_v2``,
+  ``torch.autocast`` and channels_last as train.py applies them, cross-entropy. It runs in the precision the same
+  probe picks for the model on this machine. The last line is ``training speed vs timm: R.RRx``.
 """
 import argparse
 import json
@@ -18,12 +26,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
 
 import main as cli
 import runtime
 from datasets import load_splits
-from engine import predict_probs, train_one_epoch
+from engine import build_optimizer, predict_probs, train_one_epoch
+from labels import LABELS
 from models import build_model
 from preprocess_data import split_name
 from softLabelLoss import SoftLabelLoss
@@ -37,52 +45,110 @@ def peak_rss_mib():
     return (own + children) / 1024
 
 
-def pipeline_args(opts, tuned):
-    """main.py flags of the tuned or the plain pipeline."""
+def pipeline_args(opts, pipeline):
+    """main.py flags of a pipeline ('tuned', 'plain' or 'timm': the timm peer uses the tuned precision choice)."""
     flags = ['--model', opts.model, '--input_size', str(opts.input_size), '--batch_size', str(opts.batch_size),
              '--num_workers', str(opts.num_workers), '--device', opts.device, '--data_path', opts.data_path,
-             '--test_val_ratio', *map(str, opts.test_val_ratio)]
-    if tuned:
-        flags += ['--cache', 'memory', '--use_amp', 'auto', '--channels_last', 'auto', '--compile', str(opts.compile)]
-    else:
+             '--test_val_ratio', *map(str, opts.test_val_ratio), '--lr', '1e-3']
+    if pipeline == 'plain':
         flags += ['--cache', 'none', '--use_amp', 'False', '--channels_last', 'False']
+    else:
+        flags += ['--cache', 'memory', '--use_amp', 'auto', '--channels_last', 'auto', '--compile', str(opts.compile)]
     return cli.get_args_parser().parse_args(flags)
 
 
-def measure(opts, tuned):
-    """Figures of one pipeline: dict of images/s, loader share, cache build seconds."""
-    args = pipeline_args(opts, tuned)
-    dev = runtime.device_settings(args)
+class SteadyWindow:
+    """A DataLoader whose timed window opens when batch number ``warmup`` is handed out and closes when the loader is
+    exhausted, so that worker start-up and warm-up steps stay outside it.
+
+    Args:
+        loader: torch DataLoader. warmup: int, untimed batches first. device: torch.device (CUDA is synchronised at
+            both ends of the window).
+    """
+
+    def __init__(self, loader, warmup, device):
+        self.loader, self.warmup, self.device = loader, warmup, device
+        self.batch_size, self.drop_last, self.sampler = loader.batch_size, loader.drop_last, loader.sampler
+        self.start = self.stop = None
+
+    def __len__(self):
+        return len(self.loader)
+
+    def _now(self):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i == self.warmup:
+                self.start = self._now()
+            yield batch
+        self.stop = self._now()
+
+    def images_per_second(self, steps):
+        """Images per second over the timed window of ``steps`` batches."""
+        return steps * self.batch_size / (self.stop - self.start)
+
+
+def train_flops_per_image(model, args, device):
+    """FLOPs of one training step (forward and backward) per image, counted by ``torch.utils.flop_counter``."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(2, args.in_chans, args.input_size, args.input_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(x).float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
+
+def gemm_peak(device, bf16, n=2048, repeats=5):
+    """Measured matrix-multiply throughput (FLOP/s) of the device in fp32 or bf16: the best of ``repeats`` n x n
+    products after a warm-up."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = float('inf')
+    for i in range(repeats + 1):
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def training_images(opts, args):
+    """The first (warmup + steps) batches' worth of the split's training list."""
     splits = load_splits([opts.data_path], args.test_val_ratio, runtime.split_seed(args))
-    n_train = (opts.warmup + opts.steps) * args.batch_size
-    frame = splits['train'].iloc[:n_train]
-    t0 = time.perf_counter()
-    cache = runtime.make_cache(args, len(frame) + len(splits['test'])) if tuned else None
+    return splits, splits['train'].iloc[:(opts.warmup + opts.steps) * args.batch_size]
+
+
+def measure(opts, pipeline):
+    """Figures of the tuned or plain pipeline: dict of images/s, loader share, GEMM-peak fraction, memory."""
+    args = pipeline_args(opts, pipeline)
+    dev = runtime.device_settings(args)
+    splits, frame = training_images(opts, args)
+    cache = runtime.make_cache(args, len(frame) + len(splits['test'])) if pipeline == 'tuned' else None
     train_set = runtime.make_dataset(frame, args, True, cache)
     eval_set = runtime.make_dataset(splits['test'], args, False, cache)
-    cache_s = time.perf_counter() - t0
     model = build_model(args)
+    flops = train_flops_per_image(model, args, torch.device('cpu'))
     run_model = runtime.prepare_model(model, args, dev)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer, lr_scheduler = build_optimizer(model, args, len(train_set) // args.batch_size)
     criterion = SoftLabelLoss(args.nb_classes).to(dev.device)
+    loader = SteadyWindow(runtime.make_loader(train_set, args, dev.device, True), opts.warmup, dev.device)
+    stats = train_one_epoch(run_model, criterion, loader, optimizer, dev, 0, lr_scheduler=lr_scheduler)
+    out = {'train img/s': loader.images_per_second(opts.steps),
+           'loader share': stats['data_time'] / (loader.stop - loader.start + 1e-9)}
+    out['GEMM peak share'] = flops * out['train img/s'] / gemm_peak(dev.device, dev.use_amp)
+    out['precision'] = dev_label(dev)
 
-    def epoch(dataset):
-        loader = runtime.make_loader(dataset, args, dev.device, True)
-        start = time.perf_counter()
-        stats = train_one_epoch(run_model, criterion, loader, optimizer, dev, 0)
-        if dev.device.type == 'cuda':
-            torch.cuda.synchronize()
-        return stats, time.perf_counter() - start
-
-    epoch(Subset(train_set, range(opts.warmup * args.batch_size)))  # warm-up: workers, allocator, compile
-    stats, seconds = epoch(Subset(train_set, range(opts.warmup * args.batch_size, n_train)))
-    out = {'train img/s': stats['images'] / seconds, 'loader share': stats['data_time'] / seconds,
-           'cache build s': cache_s}
-
-    loader = runtime.make_loader(eval_set, args, dev.device, False)
-    predict_probs(model, loader, dev)  # warm-up
+    eval_loader = runtime.make_loader(eval_set, args, dev.device, False)
+    predict_probs(model, eval_loader, dev)  # warm-up
     start = time.perf_counter()
-    probs, _ = predict_probs(model, loader, dev)
+    probs, _ = predict_probs(model, eval_loader, dev)
     out['eval img/s'] = len(probs) / (time.perf_counter() - start)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,6 +166,48 @@ def measure(opts, tuned):
     return out
 
 
+def measure_timm(opts):
+    """Training images/s of the timm peer (see the module docstring) in steady state, on the same images."""
+    import timm
+    from timm.data import create_dataset, create_loader
+    from timm.optim import create_optimizer_v2
+    args = pipeline_args(opts, 'timm')
+    dev = runtime.device_settings(args)  # the same probe decides the peer's precision and memory format
+    _, frame = training_images(opts, args)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (path, label) in enumerate(zip(frame['path'], frame['label'])):  # an ImageFolder tree of links
+            link = Path(tmp) / label / f'{i:06d}{Path(path).suffix}'
+            link.parent.mkdir(exist_ok=True)
+            link.symlink_to(path)
+        dataset = create_dataset('', root=tmp, split='train', is_training=True, class_map={k: i for i, k in
+                                                                                          enumerate(LABELS)})
+        loader = create_loader(dataset, input_size=(args.in_chans, args.input_size, args.input_size),
+                               batch_size=args.batch_size, is_training=True, use_prefetcher=False,
+                               scale=tuple(args.scale), hflip=args.hflip, vflip=args.vflip, interpolation='bicubic',
+                               num_workers=args.num_workers if args.num_workers >= 0 else runtime.default_workers(),
+                               pin_memory=dev.device.type == 'cuda', persistent_workers=False)
+        model = timm.create_model(args.model, num_classes=len(LABELS), drop_path_rate=args.drop_path)
+        model.to(dev.device, memory_format=dev.memory_format)
+        optimizer = create_optimizer_v2(model, opt='adamw', lr=args.lr, weight_decay=args.weight_decay)
+        loss_fn = torch.nn.CrossEntropyLoss()
+        window = SteadyWindow(loader, opts.warmup, dev.device)
+        model.train()
+        for images, target in window:
+            images = images.to(dev.device).contiguous(memory_format=dev.memory_format)
+            with dev.autocast():
+                loss = loss_fn(model(images), target.to(dev.device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss.item()  # timm's train.py reads the loss every step too
+    return {'train img/s': window.images_per_second(opts.steps), 'precision': dev_label(dev)}
+
+
+def dev_label(dev):
+    """'bf16 NHWC', 'fp32' ...: the precision and memory format of DeviceSettings."""
+    return f'{"bf16" if dev.use_amp else "fp32"}{" NHWC" if dev.channels_last else ""}'
+
+
 def get_args_parser():
     """Command-line flags of benchmark.py."""
     p = argparse.ArgumentParser('Pipeline benchmark', allow_abbrev=False)
@@ -109,12 +217,13 @@ def get_args_parser():
     p.add_argument('--input_size', type=int, default=224)
     p.add_argument('--batch_size', type=int, default=32)
     p.add_argument('--steps', type=int, default=10, help='timed training steps')
-    p.add_argument('--warmup', type=int, default=2, help='untimed training steps first')
+    p.add_argument('--warmup', type=int, default=3, help='untimed training steps first (worker start-up included)')
     p.add_argument('--num_workers', type=int, default=-1)
     p.add_argument('--device', default='auto')
     p.add_argument('--compile', type=str2bool, default=False)
     p.add_argument('--compare', type=str2bool, default=False, help='also run the plain pipeline')
-    p.add_argument('--pipeline', default=None, choices=['tuned', 'plain'], help=argparse.SUPPRESS)
+    p.add_argument('--peer', default='none', choices=['none', 'timm'], help="also run timm's training loop")
+    p.add_argument('--pipeline', default=None, choices=['tuned', 'plain', 'timm'], help=argparse.SUPPRESS)
     return p
 
 
@@ -131,21 +240,25 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     opts = get_args_parser().parse_args(argv)
     if opts.pipeline:  # child process: one pipeline, figures as JSON on the last line
-        print(json.dumps(measure(opts, opts.pipeline == 'tuned')))
+        print(json.dumps(measure_timm(opts) if opts.pipeline == 'timm' else measure(opts, opts.pipeline)))
         return None
     results = {'tuned': measure_in_child(argv, 'tuned')}
     if opts.compare:
         results['plain'] = measure_in_child(argv, 'plain')
-    keys = ['train img/s', 'loader share', 'eval img/s', 'predict img/s', 'cache build s', 'peak RSS MiB']
+    if opts.peer == 'timm':
+        results['timm'] = measure_in_child(argv, 'timm')
+    keys = ['train img/s', 'loader share', 'GEMM peak share', 'eval img/s', 'predict img/s', 'peak RSS MiB']
     device = runtime.resolve_device(opts.device)
-    print(f'\n{opts.model} {opts.input_size} px, batch {opts.batch_size}, {opts.steps} steps, {device}, '
-          f'{torch.get_num_threads()} threads, torch {torch.__version__}')
-    print(f'{"":16s}' + ''.join(f'{k:>14s}' for k in results) + ('      ratio' if opts.compare else ''))
+    print(f'\n{opts.model} {opts.input_size} px, batch {opts.batch_size}, {opts.steps} timed steps after '
+          f'{opts.warmup}, {device}, {torch.get_num_threads()} threads, torch {torch.__version__}')
+    print(f'{"":16s}' + ''.join(f'{k:>14s}' for k in results))
+    print(f'{"precision":16s}' + ''.join(f'{r["precision"]:>14s}' for r in results.values()))
     for k in keys:
-        row = f'{k:16s}' + ''.join(f'{r[k]:14.2f}' for r in results.values())
-        if opts.compare and 'img/s' in k:
-            row += f'{results["tuned"][k] / results["plain"][k]:10.2f}x'
-        print(row)
+        print(f'{k:16s}' + ''.join(f'{r[k]:14.2f}' if k in r else f'{"-":>14s}' for r in results.values()))
+    for other in ('plain', 'timm'):
+        if other in results:
+            name = 'training speed vs timm' if other == 'timm' else 'training speed vs plain'
+            print(f'{name}: {results["tuned"]["train img/s"] / results[other]["train img/s"]:.2f}x')
     return results
 
 

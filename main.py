@@ -297,11 +297,11 @@ def train(args):
     if not args.data_path:
         raise DataError('--data_path is required to train')
     out = Path(args.output_dir)
-    dev = device_settings(args)
-    seed_everything(args.seed)
     resume, finished = resume_point(args)
     if finished is not None:
         return finished
+    dev = device_settings(args)
+    seed_everything(args.seed)
 
     # build: data, model, optimisation
     data = load_training_data(args, dev.device)

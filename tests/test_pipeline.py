@@ -119,3 +119,16 @@ def test_tta_averages_the_eight_symmetries():
     # the prediction no longer depends on how the image was turned
     turned, _ = predict_probs(model, loader(torch.rot90(images, 1, dims=(-2, -1))), dev, tta=True)
     assert np.allclose(turned, tta, atol=1e-5)
+
+
+def test_benchmark_window_leaves_warmup_out():
+    import time
+    from torch.utils.data import DataLoader, TensorDataset
+    from benchmark import SteadyWindow
+    loader = DataLoader(TensorDataset(torch.zeros(20, 1)), batch_size=4, drop_last=True)
+    window = SteadyWindow(loader, warmup=2, device=torch.device('cpu'))
+    assert len(window) == 5 and window.batch_size == 4
+    for i, _ in enumerate(window):
+        time.sleep(0.3 if i < 2 else 0.02)  # slow warm-up steps, then 3 fast timed ones
+    rate = window.images_per_second(3)
+    assert 3 * 4 / (3 * 0.02 + 0.05) < rate <= 3 * 4 / (3 * 0.02)  # the 0.6 s of warm-up are not in the window
