@@ -134,7 +134,8 @@ def choose(args, device, build):
     key, path, step_s = probe_key(device, args), cache_path(), None
     if is_main_process():
         step_s = read_cache(path).get(key)
-        if isinstance(step_s, dict) and set(step_s) == set(CANDIDATES):
+        if isinstance(step_s, dict) and set(step_s) == set(CANDIDATES) and \
+                all(isinstance(t, (int, float)) and t > 0 for t in step_s.values()):
             log.info(f'precision from {path}: measured seconds per step {step_s}')
         else:
             step_s = probe(args, device, build)

@@ -74,6 +74,10 @@ def test_unreadable_cache_is_probed_again(cache, monkeypatch):
     probed = fake_times(monkeypatch, {(False, False): 1.0, (False, True): 2.0, (True, False): 3.0, (True, True): 4.0})
     assert precision.choose(flags(), torch.device('cpu'), tiny)[:2] == (False, False)
     assert len(probed) == 4 and len(json.loads(cache.read_text())) == 1
+    # a hand-edited entry with a non-number is measured again too
+    key = next(iter(json.loads(cache.read_text())))
+    cache.write_text(json.dumps({key: dict.fromkeys(precision.CANDIDATES, 'fast')}))
+    assert precision.choose(flags(), torch.device('cpu'), tiny)[:2] == (False, False) and len(probed) == 8
 
 
 def test_real_probe_measures_and_keeps_the_rng(cache):
