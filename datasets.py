@@ -7,7 +7,7 @@ int64 sample index).
 import logging
 import math
 import os
-import pickle
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +27,7 @@ from imaging import (BOX_COLUMNS, ImageReadError, crop_with_padding, decode_resi
 from labels import LABEL_INDEX, LABELS, label_indices, parse_label_list
 from preprocess_data import (SPLITS, load_list, prepare_split, scan_class_folders, scan_plain_folder,
                              validate_list)
-from utils import DataError, atomic_write_pickle
+from utils import DataError, atomic_write_bytes
 
 log = logging.getLogger('datasets')
 cv2.setNumThreads(0)  # DataLoader workers already run in parallel
@@ -113,24 +113,51 @@ class ImageCache:
     """Images decoded and resized once (``decode_resized``), in memory and optionally in a file.
 
     Entries are keyed by path and crop window and hold the file's size and modification time, so a changed file is
-    decoded again; the file (a pickle of uint8 arrays, written atomically) is rewritten only when entries changed.
-    Decoding runs in a thread pool (OpenCV releases the GIL).
+    decoded again. The file is a safetensors file (plain uint8 arrays, nothing in it can execute code) whose metadata
+    holds a JSON index of the entries; it is written atomically and only when entries changed. A file that cannot be
+    read, or whose index does not match its arrays, is reported in one line, ignored and rebuilt. Decoding runs in a
+    thread pool (OpenCV releases the GIL).
 
     Args:
         side: shorter side in pixels of the cached images.
-        path: optional cache file to read and update.
+        path: optional cache file (``.safetensors``) to read and update.
     """
 
     def __init__(self, side, path=None):
         self.side, self.path, self.entries = int(side), (Path(path) if path else None), {}
         if self.path and self.path.is_file():
             try:
-                with open(self.path, 'rb') as f:
-                    saved = pickle.load(f)
-                if saved.get('side') == self.side:
-                    self.entries = saved['entries']
-            except (OSError, pickle.UnpicklingError, EOFError, KeyError, AttributeError):
-                log.warning(f'{self.path}: unreadable image cache, decoding again')
+                self.entries = self.read(self.path, self.side)
+            except Exception as e:  # safetensors, JSON and shape errors have no common base class
+                log.warning(f'{self.path}: unreadable image cache ({e.__class__.__name__}), decoding the images '
+                            f'again and rewriting it')
+
+    @staticmethod
+    def read(path, side):
+        """Entries of a cache file: dict (path, window) -> ((size, mtime_ns), uint8 array or None).
+
+        Returns an empty dict for a file made at another ``side``.
+
+        Raises:
+            ValueError: an index that does not describe the file's arrays; any safetensors or JSON error.
+        """
+        from safetensors import safe_open
+        from safetensors.numpy import load_file
+        with safe_open(str(path), framework='np') as f:
+            meta = f.metadata() or {}
+        if int(meta.get('side', -1)) != side:
+            return {}
+        arrays = load_file(str(path))
+        entries = {}
+        for item in json.loads(meta['index']):
+            name, img = item['array'], None
+            if name is not None:
+                img = arrays[name]
+                if img.dtype != np.uint8 or img.ndim not in (2, 3):
+                    raise ValueError(f'array {name} is {img.dtype} with {img.ndim} dimensions')
+            window = tuple(int(v) for v in item['window']) if item['window'] is not None else None
+            entries[(str(item['path']), window)] = ((int(item['size']), int(item['mtime_ns'])), img)
+        return entries
 
     @staticmethod
     def stamp(path):
@@ -152,8 +179,8 @@ class ImageCache:
         """
         keys = [(str(p), tuple(w) if w is not None else None) for p, w in zip(paths, windows)]
         stamps = [self.stamp(p) for p in paths]
-        todo = dict(sorted((k, st) for k, st in zip(keys, stamps) if st is not None and
-                           (k not in self.entries or self.entries[k][0] != st)))
+        todo = dict(sorted(((k, st) for k, st in zip(keys, stamps) if st is not None and
+                            (k not in self.entries or self.entries[k][0] != st)), key=lambda kv: str(kv[0])))
 
         def work(key):
             try:
@@ -174,8 +201,16 @@ class ImageCache:
         return [self.entries[k][1] if st is not None else None for k, st in zip(keys, stamps)]
 
     def save(self):
-        """Write the cache file atomically."""
-        atomic_write_pickle({'side': self.side, 'entries': self.entries}, self.path)
+        """Write the cache file atomically: the arrays, and the index as JSON in the safetensors metadata."""
+        from safetensors.numpy import save
+        arrays, index = {}, []
+        for i, ((path, window), ((size, mtime_ns), img)) in enumerate(self.entries.items()):
+            name = None if img is None else f'i{i}'
+            if name is not None:
+                arrays[name] = np.ascontiguousarray(img)
+            index.append({'path': path, 'window': list(window) if window is not None else None, 'size': size,
+                          'mtime_ns': mtime_ns, 'array': name})
+        atomic_write_bytes(save(arrays, metadata={'side': str(self.side), 'index': json.dumps(index)}), self.path)
 
 
 def cache_fits(n_images, side, fraction=0.25):

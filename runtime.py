@@ -109,7 +109,7 @@ def make_cache(args, n_images, folder=None):
             log.info(f'{n_images} images at {side} px do not fit in memory: decoding them each epoch')
     if mode == 'none':
         return None
-    return ImageCache(side, Path(folder) / f'images_{side}px.pkl' if mode == 'file' and folder else None)
+    return ImageCache(side, Path(folder) / f'images_{side}px.safetensors' if mode == 'file' and folder else None)
 
 
 def cache_folder(data_path, args):

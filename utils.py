@@ -3,7 +3,6 @@ import argparse
 import json
 import logging
 import os
-import pickle
 import sys
 import random
 import tempfile
@@ -91,11 +90,6 @@ def atomic_write_text(text, path):
 def atomic_write_bytes(data, path):
     """Write bytes to a file atomically."""
     atomic_write(path, lambda f: f.write(data), mode='wb')
-
-
-def atomic_write_pickle(obj, path):
-    """``pickle.dump`` (highest protocol) atomically."""
-    atomic_write(path, lambda f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL), mode='wb')
 
 
 def atomic_torch_save(obj, path):

@@ -1,4 +1,5 @@
 """Input pipeline: the decode-once image cache, worker defaults, channels_last and the --compile fallback."""
+import json
 import logging
 import os
 import shutil
@@ -22,7 +23,7 @@ def test_cache_decodes_once_and_again_when_a_file_changes(elpv_small, tmp_path, 
     shutil.copytree(elpv_small, root)
     frame = load_splits([root], (0.25, 0.25), 0)['train']
     side = cache_side(32, 1.0)
-    path = tmp_path / 'cache' / 'images.pkl'
+    path = tmp_path / 'cache' / 'images.safetensors'
     with caplog.at_level(logging.INFO):
         first = DefectDataset(frame, build_transform(False, args_for()), cache=ImageCache(side, path))
     assert f'decoded {len(frame)} image(s)' in caplog.text and path.is_file()
@@ -132,3 +133,30 @@ def test_benchmark_window_leaves_warmup_out():
         time.sleep(0.3 if i < 2 else 0.02)  # slow warm-up steps, then 3 fast timed ones
     rate = window.images_per_second(3)
     assert 3 * 4 / (3 * 0.02 + 0.05) < rate <= 3 * 4 / (3 * 0.02)  # the 0.6 s of warm-up are not in the window
+
+
+def test_forged_cache_file_never_runs_and_is_rebuilt(elpv_small, tmp_path, caplog):
+    import pickle
+    frame = load_splits([elpv_small], (0.25, 0.25), 0)['train'].iloc[:3]
+    side = cache_side(32, 1.0)
+    path = tmp_path / 'cache' / 'images.safetensors'
+    marker = tmp_path / 'executed'
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f'touch {marker}',))
+
+    path.parent.mkdir()
+    path.write_bytes(pickle.dumps(Payload()))  # a crafted file where the cache belongs
+    with caplog.at_level(logging.WARNING):
+        ds = DefectDataset(frame, build_transform(False, args_for()), cache=ImageCache(side, path))
+    assert not marker.exists()
+    assert 'unreadable image cache' in caplog.text and len(caplog.text.strip().splitlines()) == 1
+    assert all(img is not None for img in ds.cached)
+    again = ImageCache(side, path)  # rebuilt as a valid file
+    assert len(again.entries) == 3 and all(v[1].dtype == np.uint8 for v in again.entries.values())
+    # an index that points at a missing array is refused the same way
+    from safetensors.numpy import save
+    path.write_bytes(save({'i0': np.zeros((2, 2), np.uint8)}, metadata={'side': str(side), 'index': json.dumps(
+        [{'path': 'x.png', 'window': None, 'size': 1, 'mtime_ns': 1, 'array': 'i9'}])}))
+    assert ImageCache(side, path).entries == {}
