@@ -1,7 +1,6 @@
 """Training, evaluation and the prediction mode (CSV, images sorted into folders, graphs)."""
 import contextlib
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -10,15 +9,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from tqdm import tqdm
 
+from datasets import balanced_label_weights
 from distributed import all_reduce_sum, gather_predictions, is_main_process
 from labels import LABELS, defect_probability, head_classes, is_defect, label_indices
 from metrics import compute_metrics, reference_probabilities
 from plots import draw_graphs
-from utils import atomic_write_csv
+from softLabelLoss import SoftLabelLoss
+from utils import atomic_write_csv, check_finite_loss
 
 log = logging.getLogger('engine')
 
@@ -90,6 +92,29 @@ def build_optimizer(model, args, updates_per_epoch, **overrides):
     return optimizer, lr_scheduler
 
 
+def build_loss(args, train_frame, device):
+    """The training loss and batch mixing of a run, from its flags.
+
+    Args:
+        args: argparse.Namespace (nb_classes, use_softlabel, soft_label_ratio, label_ratio, soft_type, lossfn,
+            smoothing, class_weight, mixup, cutmix, cutmix_minmax, mixup_prob, mixup_switch_prob, mixup_mode).
+        train_frame: the training sample list (for ``--class_weight balanced``). device: torch.device.
+
+    Returns:
+        (``softLabelLoss.SoftLabelLoss`` on the device, timm ``Mixup`` with ``multi_label=True`` mixing the soft
+        targets, or None when --mixup and --cutmix are off).
+    """
+    label_weight = balanced_label_weights(train_frame) if args.class_weight == 'balanced' else None
+    criterion = SoftLabelLoss(args.nb_classes, args.use_softlabel, args.soft_label_ratio, args.label_ratio,
+                              args.soft_type, args.lossfn, args.smoothing, label_weight).to(device)
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=0.0, num_classes=args.nb_classes, multi_label=True)
+    return criterion, mixup_fn
+
+
 def optimizer_step(model, optimizer, scaler=None, clip_grad=None):
     """Apply the accumulated gradients: unscale (fp16 ``GradScaler``), clip to the norm ``clip_grad`` when given,
     step, and zero the gradients."""
@@ -125,7 +150,7 @@ def train_one_epoch(model, criterion, loader, optimizer, dev, epoch, *, lr_sched
         data_time (seconds waiting for batches).
 
     Raises:
-        FloatingPointError: a non-finite loss (names the epoch and step).
+        utils.TrainingDiverged: a non-finite loss (names the epoch, step and learning rate).
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -155,9 +180,7 @@ def train_one_epoch(model, criterion, loader, optimizer, dev, epoch, *, lr_sched
         with dev.autocast():
             logits = model(images)
         loss = criterion(logits, labels, targets)
-        loss_value = loss.item()  # one device sync per step
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f'loss is {loss_value} at epoch {epoch}, step {it}; lower --lr or check data')
+        loss_value = check_finite_loss(loss.item(), epoch, it, optimizer.param_groups[0]['lr'])  # one sync per step
         seen += len(images)
         losses.append(loss_value)
         scaled = loss / update_freq
@@ -372,6 +395,6 @@ def format_metrics(metrics, keys=('acc', 'auroc', 'f1', 'ece', 'brier', 'acc4'))
     return ' '.join(f'{k} {metrics[k]:.4f}' for k in keys if k in metrics)
 
 
-__all__ = ['DeviceSettings', 'build_optimizer', 'dihedral_views', 'evaluate', 'format_metrics', 'frame_metrics',
-           'optimizer_step', 'predict_probs', 'prediction_table', 'save_predictions', 'train_one_epoch',
-           'write_prediction_report']
+__all__ = ['DeviceSettings', 'build_loss', 'build_optimizer', 'dihedral_views', 'evaluate', 'format_metrics',
+           'frame_metrics', 'optimizer_step', 'predict_probs', 'prediction_table', 'save_predictions',
+           'train_one_epoch', 'write_prediction_report']

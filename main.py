@@ -15,15 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-from timm.data import Mixup
 from timm.utils import ModelEmaV3
 
 from checkpoint import check_output_dir, restore_checkpoint, resume_point, save_checkpoint, trim_log
-from datasets import balanced_label_weights
 import pretrain
 from distributed import barrier, cleanup, is_main_process, world_size
 from distributed import rank as get_rank
-from engine import (build_optimizer, evaluate, format_metrics, frame_metrics, train_one_epoch,
+from engine import (build_loss, build_optimizer, evaluate, format_metrics, frame_metrics, train_one_epoch,
                     write_prediction_report)
 from imaging import PADDING_MODES
 from labels import check_ratio, head_classes, parse_label_list
@@ -33,7 +31,7 @@ from predict import predict_checkpoint, predict_ensemble
 from runlog import RunLog
 from runtime import (device_settings, load_training_data, make_dataset, make_loader, prepare_model, resolve_device,
                      seed_loader)
-from softLabelLoss import LOSS_FUNCTIONS, SoftLabelLoss
+from softLabelLoss import LOSS_FUNCTIONS
 from utils import DataError, atomic_write_json, run_cli, seed_everything, str2bool, str2bool_or_auto
 
 log = logging.getLogger('main')
@@ -217,19 +215,6 @@ def check_args(args):
     parse_label_list(args.label_list)
 
 
-def build_loss(args, train_frame, device):
-    """The soft-label loss (``softLabelLoss.SoftLabelLoss``) and timm's Mixup/CutMix (None when both are off)."""
-    label_weight = balanced_label_weights(train_frame) if args.class_weight == 'balanced' else None
-    criterion = SoftLabelLoss(args.nb_classes, args.use_softlabel, args.soft_label_ratio, args.label_ratio,
-                              args.soft_type, args.lossfn, args.smoothing, label_weight).to(device)
-    mixup_fn = None
-    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax:
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=0.0, num_classes=args.nb_classes, multi_label=True)
-    return criterion, mixup_fn
-
-
 def validate(model, model_ema, data, dev, args, epoch):
     """Validation metrics of an epoch: (metrics dict, log entries val_* and, with --model_ema_eval, val_ema_*)."""
     if data.val_loader is None:
@@ -331,36 +316,41 @@ def train(args):
 
     # epoch loop
     runlog = RunLog(args, start_epoch, len(data.train_loader))
-    epoch = start_epoch - 1
-    for epoch in range(start_epoch, args.epochs):
-        t0 = time.time()
-        seed_everything(args.seed + epoch + 1000 * get_rank())  # same order and augmentation, resumed or not
-        seed_loader(data.train_loader, args.seed, epoch)
-        stats = train_one_epoch(run_model, criterion, data.train_loader, optimizer, dev, epoch,
-                                lr_scheduler=lr_scheduler, scaler=scaler, model_ema=model_ema, mixup_fn=mixup_fn,
-                                update_freq=args.update_freq, clip_grad=args.clip_grad, writer=runlog.writer)
-        lr_scheduler.step(epoch + 1)
-        metrics, val_entries = validate(model, model_ema, data, dev, args, epoch)
-        improved = track_best(state, args.best_metric, metrics, epoch)
-        state['skipped_images'] = max(state['skipped_images'], stats['skipped'])
-        record = {'epoch': epoch, 'train_loss': stats['loss'], 'lr': stats['lr'], 'train_images': stats['images'],
-                  **val_entries, 'time_s': round(time.time() - t0, 1), 'data_time_s': round(stats['data_time'], 1)}
-        runlog.epoch(record, {'train/epoch_loss': stats['loss'],
-                              **{f'val/{k[4:]}': v for k, v in val_entries.items()}})
-        if is_main_process():  # after the log line: a kill in between resumes here and trims the line
-            parts = dict(lr_scheduler=lr_scheduler, scaler=scaler, model_ema=model_ema, state=state)
-            if improved:
-                save_checkpoint(out / 'checkpoint-best.pth', 'classifier', model, optimizer, epoch, args, **parts)
-            save_checkpoint(out / 'checkpoint-last.pth', 'classifier', model, optimizer, epoch, args, **parts)
-            best = state['best_metric']
-            print(f'epoch {epoch + 1}/{args.epochs} loss {stats["loss"]:.4f} | val {format_metrics(metrics)} | '
-                  f'best {args.best_metric} {best if best is None else round(best, 4)} '
-                  f'(epoch {state["best_epoch"] + 1}) | {record["time_s"]:.0f}s', flush=True)
-        if args.early_stop and state['stale_epochs'] >= args.early_stop_epoch:
-            if is_main_process():
-                print(f'early stop: no better val {args.best_metric} for {args.early_stop_epoch} epochs')
-            break
-    runlog.close()
+    try:  # logs flushed and closed on any exit, an error or Ctrl-C included
+        epoch = start_epoch - 1
+        for epoch in range(start_epoch, args.epochs):
+            t0 = time.time()
+            seed_everything(args.seed + epoch + 1000 * get_rank())  # same order and augmentation, resumed or not
+            seed_loader(data.train_loader, args.seed, epoch)
+            stats = train_one_epoch(run_model, criterion, data.train_loader, optimizer, dev, epoch,
+                                    lr_scheduler=lr_scheduler, scaler=scaler, model_ema=model_ema,
+                                    mixup_fn=mixup_fn, update_freq=args.update_freq, clip_grad=args.clip_grad,
+                                    writer=runlog.writer)
+            lr_scheduler.step(epoch + 1)
+            metrics, val_entries = validate(model, model_ema, data, dev, args, epoch)
+            improved = track_best(state, args.best_metric, metrics, epoch)
+            state['skipped_images'] = max(state['skipped_images'], stats['skipped'])
+            record = {'epoch': epoch, 'train_loss': stats['loss'], 'lr': stats['lr'],
+                      'train_images': stats['images'], **val_entries, 'time_s': round(time.time() - t0, 1),
+                      'data_time_s': round(stats['data_time'], 1)}
+            runlog.epoch(record, {'train/epoch_loss': stats['loss'],
+                                  **{f'val/{k[4:]}': v for k, v in val_entries.items()}})
+            if is_main_process():  # after the log line: a kill in between resumes here and trims the line
+                parts = dict(lr_scheduler=lr_scheduler, scaler=scaler, model_ema=model_ema, state=state)
+                if improved:
+                    save_checkpoint(out / 'checkpoint-best.pth', 'classifier', model, optimizer, epoch, args,
+                                    **parts)
+                save_checkpoint(out / 'checkpoint-last.pth', 'classifier', model, optimizer, epoch, args, **parts)
+                best = state['best_metric']
+                print(f'epoch {epoch + 1}/{args.epochs} loss {stats["loss"]:.4f} | val {format_metrics(metrics)} | '
+                      f'best {args.best_metric} {best if best is None else round(best, 4)} '
+                      f'(epoch {state["best_epoch"] + 1}) | {record["time_s"]:.0f}s', flush=True)
+            if args.early_stop and state['stale_epochs'] >= args.early_stop_epoch:
+                if is_main_process():
+                    print(f'early stop: no better val {args.best_metric} for {args.early_stop_epoch} epochs')
+                break
+    finally:
+        runlog.close()
 
     # test the best
     return test_best(args, model, data, dev, state, epoch + 1)

@@ -10,7 +10,6 @@ folder gives every image below it, class folders or not. Labels are ignored. Eac
 ``model``, for ``--finetune``), a JSON line in ``log.txt`` and TensorBoard scalars; all files atomically.
 """
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from preprocess_data import scan_plain_folder
 from runlog import RunLog
 from runtime import cache_folder, device_settings, make_cache, make_dataset, make_loader, prepare_model, seed_loader, \
     split_seed
-from utils import DataError, atomic_torch_save, atomic_write_json, seed_everything
+from utils import DataError, atomic_torch_save, atomic_write_json, check_finite_loss, seed_everything
 
 log = logging.getLogger('pretrain')
 
@@ -59,7 +58,7 @@ def pretrain_one_epoch(model, loader, optimizer, dev, epoch, lr_scheduler, write
         dict: loss (mean over batches), lr (last), images.
 
     Raises:
-        FloatingPointError: a non-finite loss (names the epoch and step).
+        utils.TrainingDiverged: a non-finite loss (names the epoch, step and learning rate).
     """
     model.train()
     n_batches = len(loader)
@@ -70,9 +69,7 @@ def pretrain_one_epoch(model, loader, optimizer, dev, epoch, lr_scheduler, write
         images = dev.inputs(batch[0])
         with dev.autocast():
             loss, _, _ = model(images)
-        loss_value = loss.item()  # one device sync per step
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f'FCMAE loss is {loss_value} at epoch {epoch}, step {it}; lower --lr')
+        loss_value = check_finite_loss(loss.item(), epoch, it, optimizer.param_groups[0]['lr'], 'FCMAE loss')
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -132,24 +129,26 @@ def run(args):
 
     # epoch loop
     runlog = RunLog(args, start_epoch, len(loader))
-    encoder_args = {k: getattr(args, k) for k in ('model', 'in_chans', 'input_size', 'normalize', 'drop_path')}
-    stats = {'loss': float('nan')}
-    for epoch in range(start_epoch, args.epochs):
-        t0 = time.time()
-        seed_everything(args.seed + epoch)
-        seed_loader(loader, args.seed, epoch)
-        stats = pretrain_one_epoch(run_model, loader, optimizer, dev, epoch, lr_scheduler, runlog.writer)
-        lr_scheduler.step(epoch + 1)
-        record = {'epoch': epoch, 'pretrain_loss': stats['loss'], 'lr': stats['lr'], 'images': stats['images'],
-                  'time_s': round(time.time() - t0, 1)}
-        runlog.epoch(record, {'pretrain/epoch_loss': stats['loss']})
-        save_checkpoint(out / 'checkpoint-last.pth', 'fcmae', model, optimizer, epoch, args,
-                        lr_scheduler=lr_scheduler)
-        atomic_torch_save({'model': model.encoder_state_dict(), 'epoch': epoch, 'args': encoder_args},
-                          out / 'encoder.pth')
-        print(f'pretrain epoch {epoch + 1}/{args.epochs} loss {stats["loss"]:.4f} | {record["time_s"]:.0f}s',
-              flush=True)
-    runlog.close()
+    try:  # logs flushed and closed on any exit
+        encoder_args = {k: getattr(args, k) for k in ('model', 'in_chans', 'input_size', 'normalize', 'drop_path')}
+        stats = {'loss': float('nan')}
+        for epoch in range(start_epoch, args.epochs):
+            t0 = time.time()
+            seed_everything(args.seed + epoch)
+            seed_loader(loader, args.seed, epoch)
+            stats = pretrain_one_epoch(run_model, loader, optimizer, dev, epoch, lr_scheduler, runlog.writer)
+            lr_scheduler.step(epoch + 1)
+            record = {'epoch': epoch, 'pretrain_loss': stats['loss'], 'lr': stats['lr'], 'images': stats['images'],
+                      'time_s': round(time.time() - t0, 1)}
+            runlog.epoch(record, {'pretrain/epoch_loss': stats['loss']})
+            save_checkpoint(out / 'checkpoint-last.pth', 'fcmae', model, optimizer, epoch, args,
+                            lr_scheduler=lr_scheduler)
+            atomic_torch_save({'model': model.encoder_state_dict(), 'epoch': epoch, 'args': encoder_args},
+                              out / 'encoder.pth')
+            print(f'pretrain epoch {epoch + 1}/{args.epochs} loss {stats["loss"]:.4f} | {record["time_s"]:.0f}s',
+                  flush=True)
+    finally:
+        runlog.close()
     summary = {'epochs_run': args.epochs, 'last_loss': stats['loss'], 'encoder': str(out / 'encoder.pth')}
     atomic_write_json(summary, out / 'finished.json')
     print(f'encoder: {out / "encoder.pth"} (use it with --finetune)')

@@ -2,6 +2,7 @@
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import random
@@ -14,6 +15,23 @@ import torch
 
 class DataError(Exception):
     """Bad user input (data, flags, checkpoints); the entry points print its one-line message and exit 1."""
+
+
+class TrainingDiverged(DataError):
+    """The loss became NaN or infinite; the message names the epoch, step and learning rate, with a hint."""
+
+
+def check_finite_loss(value, epoch, step, lr, what='loss'):
+    """Return ``value`` if it is finite.
+
+    Raises:
+        TrainingDiverged: one line naming the epoch, step and learning rate; checkpoint-last.pth (written only after
+            a finished epoch) still holds the last good epoch.
+    """
+    if not math.isfinite(value):
+        raise TrainingDiverged(f'{what} is {value} at epoch {epoch}, step {step} (learning rate {lr:.3g}); lower --lr '
+                               f'or set --clip_grad; checkpoint-last.pth holds the last finished epoch')
+    return value
 
 
 def str2bool(value):

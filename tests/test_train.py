@@ -223,3 +223,33 @@ def test_label_list_maps_user_folders(elpv_small, tmp_path):
     table = pd.read_csv(tmp_path / 'p' / 'predictions.csv')
     assert len(table) == 20 and set(table['label']) == {'neg', 'pos'}
     assert (table[table['path'].str.contains('/crack/')]['label'] == 'pos').all()
+
+
+def test_diverged_loss_is_one_line_and_keeps_the_last_good_epoch(elpv_small, tmp_path, monkeypatch):
+    from utils import TrainingDiverged
+    real = cli.train_one_epoch
+
+    def poisoned(model, *args, **kwargs):  # the weights blow up during the second epoch
+        if args[4] == 1:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float('nan'))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(cli, 'train_one_epoch', poisoned)
+    out = tmp_path / 'o'
+    with pytest.raises(TrainingDiverged, match=r'loss is nan at epoch 1, step 0 \(learning rate .*\); lower --lr'):
+        run(train_argv(elpv_small, out, '--epochs', '3'))
+    assert torch.load(out / 'checkpoint-last.pth', weights_only=True)['epoch'] == 0
+    assert [json.loads(x)['epoch'] for x in (out / 'log.txt').read_text().splitlines()] == [0]
+
+
+def test_huge_learning_rate_ends_with_one_line(elpv_small, tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    proc = subprocess.run([sys.executable, str(ROOT / 'main.py'), *map(str, train_argv(
+        elpv_small, tmp_path / 'o', '--lr', '1e6', '--epochs', '1', '--use_amp', 'False'))],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith('error: loss is ')
