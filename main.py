@@ -32,7 +32,7 @@ from runlog import RunLog
 from runtime import (device_settings, load_training_data, make_dataset, make_loader, prepare_model, resolve_device,
                      seed_loader)
 from softLabelLoss import LOSS_FUNCTIONS
-from utils import DataError, atomic_write_json, run_cli, seed_everything, str2bool, str2bool_or_auto
+from utils import DataError, atomic_write_json, folder_lock, run_cli, seed_everything, str2bool, str2bool_or_auto
 
 log = logging.getLogger('main')
 
@@ -388,12 +388,17 @@ def run_eval(args, explicit):
     return metrics
 
 
+def pred_folder(args):
+    """The folder of --pred's reports: --pred_save_path, else OUTPUT_DIR/pred."""
+    return Path(args.pred_save_path or Path(args.output_dir) / 'pred')
+
+
 def run_pred(args, explicit):
     """--pred: predictions.csv, sorted copies and graphs for one or several checkpoints (averaged with
     --several_models True)."""
     data = eval_data(args)
     device = resolve_device(args.device)
-    out_root = Path(args.pred_save_path or Path(args.output_dir) / 'pred')
+    out_root = pred_folder(args)
     groups = [args.resume] if args.several_models else [[c] for c in args.resume]
     outs = [out_root if len(groups) == 1 else out_root / Path(g[0]).parent.name / Path(g[0]).stem for g in groups]
     held = [str(o) for o in outs if (o / 'predictions.csv').exists()]
@@ -427,12 +432,12 @@ def main(argv=None):
     check_args(args)
     try:
         if args.pred:
-            return run_pred(args, explicit)
+            with folder_lock(pred_folder(args), 'the prediction report folder'):
+                return run_pred(args, explicit)
         if args.eval:
             return run_eval(args, explicit)
-        if args.pretrain:
-            return pretrain.run(args)
-        return train(args)
+        with folder_lock(args.output_dir, 'the run folder'):  # one writer per folder, released even on kill -9
+            return pretrain.run(args) if args.pretrain else train(args)
     finally:
         cleanup()
 

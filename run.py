@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from utils import DataError, atomic_write_csv, run_cli, str2bool
+from utils import DataError, atomic_write_csv, folder_lock, run_cli, str2bool
 
 log = logging.getLogger('run')
 HERE = Path(__file__).resolve().parent
@@ -314,7 +314,10 @@ def main(argv=None):
     """Entry point; returns {run name: state}."""
     args = get_args_parser().parse_args(argv)
     sweep = load_sweep(args)
-    return run_sweep(sweep, args.dry_run, args.slurm_cluster, args.top)
+    if args.dry_run:
+        return run_sweep(sweep, True, args.slurm_cluster, args.top)
+    with folder_lock(sweep['sweep_dir'], 'the sweep'):  # one sweep per folder; its runs lock their own folders
+        return run_sweep(sweep, False, args.slurm_cluster, args.top)
 
 
 if __name__ == '__main__':

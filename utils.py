@@ -1,5 +1,6 @@
 """Small helpers shared by the entry points: errors, flag parsing, atomic writes, seeding."""
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -7,6 +8,7 @@ import os
 import sys
 import random
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +115,54 @@ def atomic_write_bytes(data, path):
 def atomic_torch_save(obj, path):
     """``torch.save`` atomically: a crash mid-write never leaves a truncated checkpoint at ``path``."""
     atomic_write(path, lambda f: torch.save(obj, f), mode='wb')
+
+
+@contextlib.contextmanager
+def folder_lock(folder, what='this folder'):
+    """Hold an exclusive lock on a folder while a process writes into it: one writer per folder.
+
+    The lock is an OS file lock (``filelock.FileLock`` on ``FOLDER/.lock``), which the operating system releases
+    when the process ends in any way, kill -9 included, so a stale lock never blocks a later run. The holder's pid,
+    command line and start time go into ``FOLDER/.lock.owner`` for the message another process gets. Under torchrun
+    only rank 0 (environment RANK) locks: the other ranks write nothing.
+
+    Args:
+        folder: the folder (created; removed again when the lock created it and nothing else was written into it).
+        what: words for the message, e.g. 'the run folder'.
+
+    Raises:
+        DataError: another process holds the folder (one line naming it).
+    """
+    from filelock import FileLock, Timeout
+    if os.environ.get('RANK', '0') != '0':
+        yield
+        return
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / '.lock'), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            owner = json.loads((folder / '.lock.owner').read_text())
+            holder = f'pid {owner["pid"]}, started {owner["since"]}: {owner["command"][:200]}'
+        except (OSError, ValueError, KeyError, TypeError):
+            holder = 'holder unknown'
+        raise DataError(f'{folder}: {what} is in use by another process ({holder}); wait for it to end or choose '
+                        f'another folder') from None
+    try:
+        atomic_write_json({'pid': os.getpid(), 'command': ' '.join(sys.argv),
+                           'since': time.strftime('%Y-%m-%d %H:%M:%S')}, folder / '.lock.owner')
+        yield
+    finally:
+        (folder / '.lock.owner').unlink(missing_ok=True)
+        lock.release()
+        lock_files = {'.lock', '.lock.owner'}
+        if created and {p.name for p in folder.iterdir()} <= lock_files:  # a start that failed leaves no folder
+            for name in lock_files:
+                (folder / name).unlink(missing_ok=True)
+            folder.rmdir()
 
 
 def seed_everything(seed):
