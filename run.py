@@ -18,6 +18,7 @@ import itertools
 import logging
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -186,11 +187,24 @@ def build_command(run, sweep):
 
 
 def execute(command, log_path):
-    """Run a command, its output appended to ``log_path``; returns its exit code (used locally and by submitit)."""
+    """Run a command, its output appended to ``log_path``; returns its exit code (used locally and by submitit).
+
+    Ctrl-C or SIGTERM here is passed on to the command as SIGTERM, and waited for (at most 2 minutes), before it
+    propagates: a training stops cleanly with its checkpoint, resumable by the next sweep."""
     with open(log_path, 'a') as f:
         f.write(f'\n# {time.strftime("%Y-%m-%d %H:%M:%S")} {shlex.join(command)}\n')
         f.flush()
-        return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=str(HERE)).returncode
+        proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, cwd=str(HERE))
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run stops as it would alone, after its last checkpoint
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
 
 
 def tail(path, lines=15):

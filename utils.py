@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import random
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -205,15 +206,25 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM and most schedulers send before they stop a job), raised where the program runs so that it
+    unwinds like Ctrl-C: files are closed and checkpoint-last.pth keeps the last finished epoch."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def run_cli(main, interrupt_message=None):
     """Run an entry point's ``main()`` with INFO logging; a DataError exits with its one-line message (status 1),
-    Ctrl-C with ``interrupt_message`` (status 130)."""
+    Ctrl-C (status 130) and SIGTERM (status 143) with ``interrupt_message``."""
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         main()
     except DataError as e:
         sys.exit(f'error: {e}')
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if interrupt_message:
             print(interrupt_message, file=sys.stderr)
-        sys.exit(130)
+        sys.exit(143 if isinstance(e, Terminated) else 130)

@@ -115,3 +115,21 @@ def test_slurm_path_with_submitit_local_executor(elpv_small, tmp_path, monkeypat
     assert states == {'nb_classes-2': 'finished', 'nb_classes-4': 'finished'}
     assert (tmp_path / 's' / 'slurm' / 'nb_classes-2').is_dir()
     assert len(pd.read_csv(tmp_path / 's' / 'csv' / 'summary.csv')) == 2
+
+
+def test_sigterm_to_the_sweep_reaches_the_run(elpv_small, tmp_path):
+    from utils import folder_lock
+    sweep_dir = tmp_path / 's'
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'run.py'), *sweep_argv(elpv_small, sweep_dir, ['seed=0'],
+                                                                               epochs=60)],
+                            cwd=ROOT, env={**os.environ, 'PYTHONUNBUFFERED': '1'}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    run_dir = sweep_dir / 'runs' / 'seed-0'
+    deadline = time.time() + 120
+    while not (run_dir / 'checkpoint-last.pth').exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # to run.py only, as a scheduler stopping the sweep's job would
+    assert proc.wait(timeout=180) == 143
+    with folder_lock(run_dir):  # the training stopped too: nothing holds its folder any more
+        pass
+    assert sweeps.run_state(run_dir) == 'interrupted' and 'interrupted' in (run_dir / 'train.log').read_text()

@@ -253,3 +253,24 @@ def test_huge_learning_rate_ends_with_one_line(elpv_small, tmp_path):
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith('error: loss is ')
+
+
+def test_sigterm_stops_cleanly_and_resumes(elpv_small, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from conftest import ROOT
+    out = tmp_path / 'o'
+    argv = [sys.executable, str(ROOT / 'main.py'), *map(str, train_argv(elpv_small, out, '--epochs', '3'))]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the first epoch is done: SIGTERM as a scheduler sends it before preemption
+        if line.startswith('epoch 1/3'):
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143 and 'continue with --auto_resume True' in err and 'Traceback' not in err
+    assert not (out / 'finished.json').exists() and not list(out.glob('.*.tmp'))
+    done = torch.load(out / 'checkpoint-last.pth', weights_only=True)['epoch']
+    run(train_argv(elpv_small, out, '--epochs', '3', '--auto_resume', 'True'))
+    epochs = [json.loads(x)['epoch'] for x in (out / 'log.txt').read_text().splitlines()]
+    assert epochs == [0, 1, 2] and done in (0, 1)
