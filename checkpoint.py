@@ -36,10 +36,14 @@ def check_output_dir(args):
 
 
 def resume_point(args):
-    """Where a run in ``--output_dir`` starts: ``--resume``, else with ``--auto_resume`` its checkpoint-last.pth.
+    """Where a run in ``--output_dir`` starts: ``--resume``, else with ``--auto_resume`` its checkpoint-last.pth
+    (checkpoint-best.pth, with a warning, when checkpoint-last.pth cannot be read).
 
     Returns:
         (checkpoint path or None, the finished.json summary when ``--auto_resume`` finds the run finished, else None).
+
+    Raises:
+        DataError: checkpoint-last.pth unreadable and no checkpoint-best.pth to fall back on.
     """
     out = Path(args.output_dir)
     if args.auto_resume and (out / 'finished.json').is_file():
@@ -47,8 +51,18 @@ def resume_point(args):
         return None, json.loads((out / 'finished.json').read_text())
     if args.resume:
         return args.resume[0], None
-    last = out / 'checkpoint-last.pth'
-    return (str(last) if args.auto_resume and last.is_file() else None), None
+    last, best = out / 'checkpoint-last.pth', out / 'checkpoint-best.pth'
+    if not (args.auto_resume and last.is_file()):
+        return None, None
+    try:
+        read_checkpoint(last)
+        return str(last), None
+    except DataError as e:  # e.g. truncated by a full disk or a copy cut short
+        if not best.is_file():
+            raise DataError(f'{e}; remove it to start the run again, or pass --resume with another checkpoint') \
+                from None
+        log.warning(f'{last} is unreadable; continuing from {best} instead (the epochs after it run again)')
+        return str(best), None
 
 
 def save_checkpoint(path, kind, model, optimizer, epoch, args, *, lr_scheduler=None, scaler=None, model_ema=None,

@@ -1,6 +1,7 @@
 """Small helpers shared by the entry points: errors, flag parsing, atomic writes, seeding."""
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -77,6 +78,9 @@ def atomic_write(path, write, mode='w'):
         path: destination file (its folder is created).
         write: callable taking the open file object.
         mode: 'w' (text) or 'wb' (binary).
+
+    Raises:
+        DataError: a full disk, an exceeded quota or a read-only or forbidden folder (one line naming the file).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,9 +91,12 @@ def atomic_write(path, write, mode='w'):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise DataError(f'{path}: cannot write ({e.strerror}); the previous version of the file is intact') \
+                from None
         raise
 
 

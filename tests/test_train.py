@@ -274,3 +274,39 @@ def test_sigterm_stops_cleanly_and_resumes(elpv_small, tmp_path):
     run(train_argv(elpv_small, out, '--epochs', '3', '--auto_resume', 'True'))
     epochs = [json.loads(x)['epoch'] for x in (out / 'log.txt').read_text().splitlines()]
     assert epochs == [0, 1, 2] and done in (0, 1)
+
+
+def test_full_disk_keeps_the_previous_checkpoint(elpv_small, tmp_path, monkeypatch):
+    import errno
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get('epoch') == 1:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, 'save', full_disk)
+    out = tmp_path / 'o'
+    with pytest.raises(DataError, match=r'checkpoint-.*\.pth: cannot write \(No space left on device\); the previous'):
+        run(train_argv(elpv_small, out, '--epochs', '3'))
+    monkeypatch.undo()
+    assert torch.load(out / 'checkpoint-last.pth', weights_only=True)['epoch'] == 0
+    assert not [p.name for p in out.iterdir() if p.name.endswith('.tmp')]
+
+
+def test_truncated_last_checkpoint_falls_back_to_best(elpv_small, tmp_path, capfd):
+    out = tmp_path / 'o'
+    run(train_argv(elpv_small, out, '--epochs', '2', '--test', 'False'))
+    (out / 'finished.json').unlink()
+    data = (out / 'checkpoint-last.pth').read_bytes()
+    (out / 'checkpoint-last.pth').write_bytes(data[:len(data) // 3])  # cut short
+    capfd.readouterr()
+    run(train_argv(elpv_small, out, '--epochs', '3', '--test', 'False', '--auto_resume', 'True'))
+    assert 'checkpoint-last.pth is unreadable; continuing from' in capfd.readouterr().err
+    assert [json.loads(x)['epoch'] for x in (out / 'log.txt').read_text().splitlines()] == [0, 1, 2]
+    (out / 'finished.json').unlink()
+    for name in ('checkpoint-last.pth', 'checkpoint-best.pth'):
+        (out / name).write_bytes(b'truncated')
+    (out / 'checkpoint-best.pth').unlink()
+    with pytest.raises(DataError, match='checkpoint-last.pth: unreadable checkpoint .*; remove it to start'):
+        run(train_argv(elpv_small, out, '--epochs', '4', '--auto_resume', 'True'))
