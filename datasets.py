@@ -4,10 +4,10 @@ Data flows: prepared root (``preprocess_data.py``) -> split CSVs -> ``load_split
 Each item is (float32 image [C, H, W], int64 label index in ``softLabelLoss.LABELS`` order or -1 when unlabelled,
 int64 sample index).
 """
+import json
 import logging
 import math
 import os
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
