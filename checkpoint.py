@@ -8,6 +8,7 @@ and the RNG states; its ``kind`` says which loop wrote it ('classifier' or 'fcma
 import argparse
 import json
 import logging
+import zipfile
 from pathlib import Path
 
 from distributed import is_main_process
@@ -54,13 +55,13 @@ def resume_point(args):
     last, best = out / 'checkpoint-last.pth', out / 'checkpoint-best.pth'
     if not (args.auto_resume and last.is_file()):
         return None, None
-    try:
-        read_checkpoint(last)
+    try:  # torch.save writes a zip file whose index sits at its end: a truncated file has none (cheap to check)
+        zipfile.ZipFile(last).close()
         return str(last), None
-    except DataError as e:  # e.g. truncated by a full disk or a copy cut short
+    except (zipfile.BadZipFile, OSError) as e:  # e.g. cut short by a full disk or an interrupted copy
         if not best.is_file():
-            raise DataError(f'{e}; remove it to start the run again, or pass --resume with another checkpoint') \
-                from None
+            raise DataError(f'{last}: unreadable checkpoint ({e.__class__.__name__}); remove it to start the run '
+                            f'again, or pass --resume with another checkpoint') from None
         log.warning(f'{last} is unreadable; continuing from {best} instead (the epochs after it run again)')
         return str(best), None
 
