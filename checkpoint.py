@@ -13,6 +13,7 @@ from pathlib import Path
 
 from distributed import is_main_process
 from models import build_model, load_pretrained, read_checkpoint
+from models.resnet_roadmap import ROADMAP_FLAGS
 from utils import DataError, atomic_torch_save, atomic_write_text, rng_state, set_rng_state
 
 log = logging.getLogger('checkpoint')
@@ -20,7 +21,7 @@ KINDS = ('classifier', 'fcmae')
 # flags that describe the model and its input: for --eval/--pred they come from the checkpoint unless given
 CHECKPOINT_FLAGS = ('model', 'nb_classes', 'in_chans', 'input_size', 'normalize', 'crop_pct', 'use_bbox', 'padding',
                     'padding_size', 'soft_label_ratio', 'test_val_ratio', 'seed', 'split_seed', 'label_list',
-                    'use_softlabel')
+                    'use_softlabel', 'layer_scale_init_value', *ROADMAP_FLAGS)
 
 
 def check_output_dir(args):

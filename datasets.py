@@ -27,7 +27,7 @@ from imaging import (BOX_COLUMNS, ImageReadError, crop_with_padding, decode_resi
 from labels import LABEL_INDEX, LABELS, label_indices, parse_label_list
 from preprocess_data import (SPLITS, load_list, prepare_split, scan_class_folders, scan_plain_folder,
                              validate_list)
-from utils import DataError, atomic_write_bytes
+from utils import DataError, atomic_write_bytes, read_csv
 
 log = logging.getLogger('datasets')
 cv2.setNumThreads(0)  # DataLoader workers already run in parallel
@@ -313,10 +313,15 @@ def _absolute(frame, base):
 
 
 def _read_split_csv(path):
-    try:
-        return validate_list(pd.read_csv(path), path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise DataError(f'{path}: unreadable split file ({e})') from None
+    """A split's CSV as a validated sample list; it must have ``path`` and ``label`` columns.
+
+    Raises:
+        DataError: unreadable file, a missing column, or a bad value (one line naming the file).
+    """
+    frame = validate_list(read_csv(path, 'split file'), path)
+    if 'label' not in frame.columns:
+        raise DataError(f'{path}: split file has no "label" column (columns: {", ".join(map(str, frame.columns))})')
+    return frame
 
 
 def is_split_folder(path):

@@ -20,7 +20,7 @@ from labels import LABELS, defect_probability, head_classes, is_defect, label_in
 from metrics import compute_metrics, reference_probabilities
 from plots import draw_graphs
 from softLabelLoss import SoftLabelLoss
-from utils import atomic_write_csv, check_finite_loss
+from utils import atomic_write_csv, atomic_write_json, check_finite_loss
 
 log = logging.getLogger('engine')
 
@@ -143,7 +143,8 @@ def train_one_epoch(model, criterion, loader, optimizer, dev, epoch, *, lr_sched
 
     Args:
         dev: ``DeviceSettings`` (device, autocast, memory format). scaler: GradScaler for fp16, else None.
-        writer: optional TensorBoard SummaryWriter (train/loss, train/lr per step).
+        writer: optional object with SummaryWriter's ``add_scalar(tag, value, step)`` (a runlog.RunLog or a
+            SummaryWriter) for train/loss and train/lr per step.
 
     Returns:
         dict: loss (mean over batches), lr (last), images (seen), skipped (images the loader skipped), updates,
@@ -360,7 +361,10 @@ def save_predictions(table, out_dir, with_conf=False):
 
 def write_prediction_report(frame, probs, indices, nb_classes, out_dir, conf=0.5, soft_label_ratio=0.7,
                             pred_save=False, with_conf=False, pred_eval=False, eval_name=''):
-    """Write the prediction report into ``out_dir``: predictions.csv, sorted images, graphs, metrics.json.
+    """Write the prediction report into ``out_dir``: sorted images, graphs, metrics.json, then predictions.csv.
+
+    predictions.csv is written last (atomically), so its presence marks a complete report: a report killed half-way
+    has none, and the same command writes it again.
 
     Args:
         frame: sample list predicted on. probs: float array [N', C]. indices: int array [N'] into ``frame``.
@@ -373,11 +377,12 @@ def write_prediction_report(frame, probs, indices, nb_classes, out_dir, conf=0.5
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = prediction_table(frame, probs, indices, nb_classes, conf)
-    atomic_write_csv(table, out_dir / 'predictions.csv')
     metrics = frame_metrics(frame, probs, indices, conf, soft_label_ratio)
     labels, reference, _ = sample_info(frame, soft_label_ratio)
     labels, reference = labels[indices], reference[indices]
     if pred_save:
+        if (out_dir / 'images').is_dir() and not (out_dir / 'predictions.csv').exists():
+            shutil.rmtree(out_dir / 'images')  # copies of a report that was stopped half-way
         save_predictions(table, out_dir, with_conf)
     graphs = []
     known = labels >= 0
@@ -387,6 +392,9 @@ def write_prediction_report(frame, probs, indices, nb_classes, out_dir, conf=0.5
                              reference[known], conf, probs[known] if nb_classes == 4 else None, prefix)
     elif pred_eval:
         log.warning('--pred_eval True: no labelled image, no graph drawn')
+    if metrics.get('n'):
+        atomic_write_json(metrics, out_dir / 'metrics.json')
+    atomic_write_csv(table, out_dir / 'predictions.csv')
     return {'table': table, 'metrics': metrics, 'graphs': graphs}
 
 

@@ -25,11 +25,33 @@ class ImageReadError(Exception):
     """An image file is missing, unreadable or corrupt."""
 
 
-def read_image(path, channels=3):
-    """Read an image with OpenCV as uint8, whatever its depth and channels.
+MAX_IMAGE_PIXELS = 100_000_000  # 10000 x 10000; larger files are refused before decoding (bounded memory)
 
-    Grayscale, BGR, BGRA (alpha dropped) and palette images are converted; 16-bit images are scaled to 8 bits
-    (value / 257, so 65535 -> 255, never clipped); float images in [0, 1] are scaled by 255.
+
+def header_size(data):
+    """(width, height) from an encoded image's header without decoding its pixels (Pillow), or None if unknown."""
+    import io
+    import warnings
+
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+    except Image.DecompressionBombError:
+        return (MAX_IMAGE_PIXELS, 2)  # beyond Pillow's own limit, so beyond ours
+    except Exception:  # a format Pillow does not know (OpenCV may): no size known before decoding
+        return None
+
+
+def read_image(path, channels=3):
+    """Read an image with OpenCV as uint8, whatever its depth and channels, turned upright by its EXIF orientation.
+
+    Grayscale, BGR, BGRA (alpha dropped), palette and CMYK images are converted; 16-bit images are scaled to 8 bits
+    (value / 257, so 65535 -> 255, never clipped); float images in [0, 1] are scaled by 255. The file is read as
+    bytes and decoded with ``cv2.imdecode``, so any file name works (spaces, names that are not UTF-8); an image of
+    more than ``MAX_IMAGE_PIXELS`` pixels is refused from its header, before decoding.
 
     Args:
         path: image file.
@@ -40,12 +62,21 @@ def read_image(path, channels=3):
         uint8 numpy array.
 
     Raises:
-        ImageReadError: missing, unreadable or corrupt file (message names the file).
+        ImageReadError: missing, empty, too large, unreadable or corrupt file (message names the file).
     """
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except (OSError, ValueError) as e:
+        reason = 'file not found' if not Path(path).is_file() else f'unreadable ({e.__class__.__name__})'
+        raise ImageReadError(f'{path}: {reason}') from None
+    if data.size == 0:
+        raise ImageReadError(f'{path}: empty file (0 bytes)')
+    size = header_size(data)
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise ImageReadError(f'{path}: {size[0]}x{size[1]} pixels, more than the {MAX_IMAGE_PIXELS:,} read')
+    img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     if img is None or img.size == 0:
-        reason = 'file not found' if not Path(path).is_file() else 'cannot be decoded (corrupt or unsupported)'
-        raise ImageReadError(f'{path}: {reason}')
+        raise ImageReadError(f'{path}: cannot be decoded (corrupt or unsupported)')
     if img.dtype == np.uint16:
         img = np.round(img.astype(np.float32) / 257.0).astype(np.uint8)
     elif img.dtype in (np.float32, np.float64):
@@ -72,7 +103,7 @@ def crop_window(box, mode, padding_size):
     Args:
         box: (x1, y1, x2, y2) int pixels, x2/y2 exclusive.
         mode: one of ``PADDING_MODES``.
-        padding_size: int pixels >= 0.
+        padding_size: pixels >= 0, int or float (the original scripts pass 100.0); rounded to whole pixels.
 
     Returns:
         tuple of 4 ints.
@@ -81,9 +112,9 @@ def crop_window(box, mode, padding_size):
         ValueError: unknown mode or negative padding_size.
     """
     x1, y1, x2, y2 = (int(round(v)) for v in box)
-    p = int(padding_size)
-    if p < 0:
-        raise ValueError(f'--padding_size must be >= 0, got {p}')
+    if not padding_size >= 0:
+        raise ValueError(f'--padding_size must be >= 0, got {padding_size}')
+    p = int(round(padding_size))
     if mode == 'PIXEL':
         return x1 - p, y1 - p, x2 + p, y2 + p
     w, h = x2 - x1, y2 - y1

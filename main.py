@@ -10,6 +10,7 @@ This file is the command line and the wiring: it parses and checks the flags, th
 sequence of steps whose rules live in the modules it calls (runtime, checkpoint, engine, datasets, models).
 """
 import argparse
+import importlib.util
 import logging
 import sys
 import time
@@ -19,6 +20,7 @@ from timm.utils import ModelEmaV3
 
 from checkpoint import check_output_dir, restore_checkpoint, resume_point, save_checkpoint, trim_log
 import pretrain
+from config import parse_with_config
 from distributed import barrier, cleanup, is_main_process, world_size
 from distributed import rank as get_rank
 from engine import (build_loss, build_optimizer, evaluate, format_metrics, frame_metrics, train_one_epoch,
@@ -26,7 +28,7 @@ from engine import (build_loss, build_optimizer, evaluate, format_metrics, frame
 from imaging import PADDING_MODES
 from labels import check_ratio, head_classes, parse_label_list
 from metrics import is_better
-from models import build_model, check_input_size, load_pretrained, read_checkpoint
+from models import build_model, check_input_size, load_pretrained, read_checkpoint, resnet_roadmap
 from predict import predict_checkpoint, predict_ensemble
 from runlog import RunLog
 from runtime import (device_settings, load_training_data, make_dataset, make_loader, prepare_model, resolve_device,
@@ -40,7 +42,8 @@ log = logging.getLogger('main')
 def add_model_flags(p):
     """Flags of the model group."""
     g = p.add_argument_group('model')
-    g.add_argument('--model', default='convnext_atto', help='any timm ConvNeXt V1/V2 name, or convnext_isotropic_*')
+    g.add_argument('--model', default='convnext_atto',
+                   help='any timm ConvNeXt V1/V2 name, convnext_isotropic_*, or resnet (the ResNet-to-ConvNeXt roadmap)')
     g.add_argument('--nb_classes', type=int, default=2, choices=[2, 4], help='head: 2 (neg, pos) or 4 classes')
     g.add_argument('--in_chans', type=int, default=3, choices=[1, 3])
     g.add_argument('--input_size', type=int, default=224, help='pixels (square)')
@@ -52,6 +55,26 @@ def add_model_flags(p):
     g.add_argument('--model_ema', type=str2bool, default=False)
     g.add_argument('--model_ema_decay', type=float, default=0.9999)
     g.add_argument('--model_ema_eval', type=str2bool, default=False, help='also evaluate the EMA model each epoch')
+
+
+def add_roadmap_flags(p):
+    """Flags of the ResNet-50 to ConvNeXt-T roadmap (Liu et al. 2022, figure 2; models/resnet_roadmap.py)."""
+    g = p.add_argument_group('ResNet-to-ConvNeXt roadmap (--model resnet; defaults: ResNet-50; each step adds a flag)')
+    g.add_argument('--resnet_layers', default='3-4-6-3', help='blocks per stage; 3-3-9-3 is the stage-ratio step')
+    g.add_argument('--resnet_stem', default='resnet', choices=['resnet', 'patch_embed'],
+                   help='7x7 conv + max-pool, or the 4x4 stride-4 patchify stem')
+    g.add_argument('--resnet_depthwise', type=str2bool, default=False, help='depthwise spatial conv (ResNeXt-ify)')
+    g.add_argument('--resnet_embed_dim', type=int, default=64, help='first-stage width (96 in ConvNeXt-T)')
+    g.add_argument('--resnet_block', default='bottleneck', choices=['bottleneck', 'inverted'])
+    g.add_argument('--resnet_conv_first', type=str2bool, default=False, help='spatial conv at the start of the block')
+    g.add_argument('--resnet_kernel_size', type=int, default=3)
+    g.add_argument('--resnet_act_layer', default='relu', choices=['relu', 'gelu'])
+    g.add_argument('--resnet_del_act', type=str2bool, default=False, help='one activation per block')
+    g.add_argument('--resnet_reorg_norm', type=str2bool, default=False, help='one norm per block')
+    g.add_argument('--resnet_norm_layer', default='bn', choices=['bn', 'ln'])
+    g.add_argument('--resnet_final_norm', type=str2bool, default=False, help='norm on the pooled features')
+    g.add_argument('--resnet_sep_downsample', type=str2bool, default=False,
+                   help='separate downsampling layers and layer scale: ConvNeXt-T with all the flags before')
 
 
 def add_optimisation_flags(p):
@@ -122,7 +145,7 @@ def add_data_flags(p):
     g.add_argument('--upsample', type=float, nargs=4, default=None, metavar=('AMB_NEG', 'AMB_POS', 'NEG', 'POS'))
     g.add_argument('--use_bbox', type=str2bool, default=False)
     g.add_argument('--padding', default='PIXEL', choices=PADDING_MODES)
-    g.add_argument('--padding_size', type=int, default=0)
+    g.add_argument('--padding_size', type=float, default=0, help='pixels (rounded to whole pixels)')
     g.add_argument('--use_shift', type=str2bool, default=False, help='random crop shift at train time')
     g.add_argument('--strict_images', type=str2bool, default=False, help='stop on a corrupt image')
     g.add_argument('--num_workers', type=int, default=-1,
@@ -136,9 +159,17 @@ def add_data_flags(p):
 def add_run_flags(p):
     """Flags of the run group."""
     g = p.add_argument_group('run')
+    g.add_argument('--config', default=None,
+                   help='YAML run config: flag names to values, read as defaults (the command line wins); each run '
+                        'saves its effective flags as OUTPUT/config.yaml')
     g.add_argument('--output_dir', default='output')
     g.add_argument('--log_dir', default=None, help='TensorBoard root (default: --output_dir)')
     g.add_argument('--log_name', default='tensorboard')
+    g.add_argument('--enable_wandb', type=str2bool, default=False,
+                   help='also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works without network)')
+    g.add_argument('--project', default='convnext-softlabel', help='W&B project')
+    g.add_argument('--wandb_ckpt', type=str2bool, default=False,
+                   help='upload checkpoint-best.pth (each new best) and checkpoint-last.pth (at the end) to W&B')
     g.add_argument('--best_metric', default='auroc', help='validation metric choosing checkpoint-best.pth')
     g.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
     g.add_argument('--seed', type=int, default=0, help='training seed (and split seed unless --split_seed)')
@@ -186,15 +217,10 @@ def add_prediction_flags(p):
 def get_args_parser():
     """All command-line flags of main.py (boolean flags take True/False), in argument groups."""
     p = argparse.ArgumentParser('ConvNeXt soft-label defect classifier', allow_abbrev=False)
-    for add in (add_model_flags, add_optimisation_flags, add_augmentation_flags, add_soft_label_flags,
+    for add in (add_model_flags, add_roadmap_flags, add_optimisation_flags, add_augmentation_flags, add_soft_label_flags,
                 add_data_flags, add_run_flags, add_fcmae_flags, add_prediction_flags):
         add(p)
     return p
-
-
-def explicit_flags(argv):
-    """Names of the flags given on the command line (``--name`` or ``--name=value``)."""
-    return {a[2:].split('=', 1)[0] for a in argv if a.startswith('--')}
 
 
 def check_args(args):
@@ -211,8 +237,17 @@ def check_args(args):
         raise DataError('--batch_size and --update_freq must be >= 1 and --epochs >= 0')
     if not 0 <= args.mask_ratio < 1:
         raise DataError(f'--mask_ratio must lie in [0, 1), got {args.mask_ratio}')
+    if not args.padding_size >= 0:
+        raise DataError(f'--padding_size must be >= 0 pixels, got {args.padding_size}')
     check_input_size(args.input_size)
     parse_label_list(args.label_list)
+    if args.enable_wandb and importlib.util.find_spec('wandb') is None:
+        raise DataError('--enable_wandb True needs the wandb package: pip install wandb')
+    if args.model == 'resnet':
+        try:
+            resnet_roadmap.options_from_args(args)
+        except ValueError as e:
+            raise DataError(str(e)) from None
 
 
 def validate(model, model_ema, data, dev, args, epoch):
@@ -325,7 +360,7 @@ def train(args):
             stats = train_one_epoch(run_model, criterion, data.train_loader, optimizer, dev, epoch,
                                     lr_scheduler=lr_scheduler, scaler=scaler, model_ema=model_ema,
                                     mixup_fn=mixup_fn, update_freq=args.update_freq, clip_grad=args.clip_grad,
-                                    writer=runlog.writer)
+                                    writer=runlog)
             lr_scheduler.step(epoch + 1)
             metrics, val_entries = validate(model, model_ema, data, dev, args, epoch)
             improved = track_best(state, args.best_metric, metrics, epoch)
@@ -340,6 +375,7 @@ def train(args):
                 if improved:
                     save_checkpoint(out / 'checkpoint-best.pth', 'classifier', model, optimizer, epoch, args,
                                     **parts)
+                    runlog.checkpoint(out / 'checkpoint-best.pth', ['best', f'epoch-{epoch + 1}'])
                 save_checkpoint(out / 'checkpoint-last.pth', 'classifier', model, optimizer, epoch, args, **parts)
                 best = state['best_metric']
                 print(f'epoch {epoch + 1}/{args.epochs} loss {stats["loss"]:.4f} | val {format_metrics(metrics)} | '
@@ -349,6 +385,8 @@ def train(args):
                 if is_main_process():
                     print(f'early stop: no better val {args.best_metric} for {args.early_stop_epoch} epochs')
                 break
+        if epoch >= start_epoch:
+            runlog.checkpoint(out / 'checkpoint-last.pth', ['latest'])
     finally:
         runlog.close()
 
@@ -413,7 +451,6 @@ def run_pred(args, explicit):
                                          run_args.soft_label_ratio, args.pred_save, args.pred_save_with_conf,
                                          args.pred_eval, args.pred_eval_name)
         if report['metrics'].get('n'):
-            atomic_write_json(report['metrics'], out / 'metrics.json')
             print(f'{data} ({len(report["table"])} images): {format_metrics(report["metrics"])}')
         if report['metrics']['skipped']:
             print(f'warning: {report["metrics"]["skipped"]} unreadable image(s) skipped')
@@ -426,9 +463,8 @@ def run_pred(args, explicit):
 def main(argv=None):
     """Entry point; returns the result of the chosen mode. Bad input exits with a one-line error (status 1)."""
     argv = sys.argv[1:] if argv is None else argv
-    args = get_args_parser().parse_args(argv)
+    args, explicit = parse_with_config(get_args_parser(), argv)
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s', force=True)
-    explicit = explicit_flags(argv)
     check_args(args)
     try:
         if args.pred:

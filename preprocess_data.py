@@ -11,6 +11,7 @@ Usage:
         --use_bbox True --padding FIX2 --padding_size 16 --imsave True
 """
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from imaging import (BOX_COLUMNS, IMAGE_EXTENSIONS, PADDING_MODES, crop_window, crop_with_padding, is_image,
                      read_image, write_image)
 from labels import LABELS, parse_label_list
-from utils import DataError, atomic_write_bytes, atomic_write_csv, run_cli, str2bool
+from utils import DataError, atomic_write_bytes, atomic_write_csv, read_csv, run_cli, str2bool
 
 log = logging.getLogger('preprocess')
 
@@ -96,7 +97,33 @@ def scan_class_folders(root, label_list=None):
                 rows += [dict(path=rel, label=label, x1=b[0], y1=b[1], x2=b[2], y2=b[3], group=rel) for b in boxes]
             else:
                 rows.append(dict(path=rel, label=label))
+    check_cross_class_duplicates(root, rows)
     return pd.DataFrame(rows)
+
+
+def check_cross_class_duplicates(root, rows):
+    """Refuse one image (the same bytes) listed under two different labels: it would teach both answers.
+
+    Files are compared by size first and hashed (BLAKE2b) only where sizes collide, so the usual case reads nothing.
+
+    Args:
+        root: Path of the raw root. rows: list of dicts with ``path`` (relative to root) and ``label``.
+    Raises:
+        DataError: naming the first two such files.
+    """
+    by_size = {}
+    for r in rows:
+        by_size.setdefault((root / r['path']).stat().st_size, []).append(r)
+    seen = {}
+    for group in by_size.values():
+        if len({r['label'] for r in group}) < 2:
+            continue
+        for r in group:
+            digest = hashlib.blake2b((root / r['path']).read_bytes(), digest_size=16).digest()
+            first = seen.setdefault(digest, r)
+            if first['label'] != r['label']:
+                raise DataError(f'{root}: the same image is listed as {first["label"]} ({first["path"]}) and as '
+                                f'{r["label"]} ({r["path"]}); keep it under one class')
 
 
 def scan_plain_folder(root):
@@ -154,10 +181,7 @@ def load_list(root, label_list=None):
     root = Path(root)
     list_file = root / LIST_NAME
     if list_file.is_file():
-        try:
-            df = pd.read_csv(list_file)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-            raise DataError(f'{list_file}: unreadable sample list ({e})') from None
+        df = read_csv(list_file, 'sample list')
         return validate_list(df, list_file)
     return validate_list(scan_class_folders(root, label_list), root)
 
@@ -247,7 +271,7 @@ def prepare_split(root, test_ratio, val_ratio, seed, label_list=None):
     if all((folder / f'{s}.csv').is_file() for s in SPLITS):
         saved = set()
         for s in SPLITS:
-            saved |= set(pd.read_csv(folder / f'{s}.csv', usecols=['path'])['path'])
+            saved |= set(read_csv(folder / f'{s}.csv', 'split file', usecols=['path'])['path'])
         current = set(df['path'])
         added, removed = len(current - saved), len(saved - current)
         if added or removed:
@@ -336,7 +360,7 @@ def get_args_parser():
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--use_bbox', type=str2bool, default=False, help='one sample per box (labelme JSON or x1..y2)')
     p.add_argument('--padding', default='PIXEL', choices=PADDING_MODES)
-    p.add_argument('--padding_size', type=int, default=0, help='pixels')
+    p.add_argument('--padding_size', type=float, default=0, help='pixels (rounded to whole pixels)')
     p.add_argument('--imsave', type=str2bool, default=False, help='write crops as image files under OUTPUT/crops/')
     return p
 

@@ -52,7 +52,8 @@ def pretrain_one_epoch(model, loader, optimizer, dev, epoch, lr_scheduler, write
 
     Args:
         model: ``models.fcmae.FCMAE`` (or its compiled wrapper). dev: ``engine.DeviceSettings``.
-        writer: optional TensorBoard SummaryWriter (pretrain/loss, pretrain/lr per step).
+        writer: optional object with SummaryWriter's ``add_scalar(tag, value, step)`` (a runlog.RunLog or a
+            SummaryWriter) for pretrain/loss and pretrain/lr per step.
 
     Returns:
         dict: loss (mean over batches), lr (last), images.
@@ -136,7 +137,7 @@ def run(args):
             t0 = time.time()
             seed_everything(args.seed + epoch)
             seed_loader(loader, args.seed, epoch)
-            stats = pretrain_one_epoch(run_model, loader, optimizer, dev, epoch, lr_scheduler, runlog.writer)
+            stats = pretrain_one_epoch(run_model, loader, optimizer, dev, epoch, lr_scheduler, runlog)
             lr_scheduler.step(epoch + 1)
             record = {'epoch': epoch, 'pretrain_loss': stats['loss'], 'lr': stats['lr'], 'images': stats['images'],
                       'time_s': round(time.time() - t0, 1)}

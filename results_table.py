@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from utils import DataError, atomic_write_csv, atomic_write_text, run_cli
+from utils import DataError, atomic_write_csv, atomic_write_text, read_csv, run_cli
 
 METRICS = ('acc', 'auroc', 'f1', 'ece', 'brier', 'acc4')
 # Arguments that differ between the seeds of one set-up without changing it.
@@ -40,7 +40,7 @@ def wall_time(run_dir):
     run_dir = Path(run_dir)
     status = run_dir.parent.parent / 'status.csv'
     if status.is_file():
-        table = pd.read_csv(status)
+        table = read_csv(status, 'sweep status file')
         row = table[(table['name'] == run_dir.name) & (table['exit_code'] == 0)]
         if len(row):
             return float(row['seconds'].iloc[-1])
@@ -148,14 +148,18 @@ def get_args_parser():
     return p
 
 
+def publish(df, text, out):
+    """Write a result table as CSV (``out``) and its markdown ``text`` beside it (``.md``), atomically; print it."""
+    atomic_write_csv(df, out)
+    atomic_write_text(text, Path(out).with_suffix('.md'))
+    print(text, end='')
+
+
 def main(argv=None):
     """Entry point: print the markdown table and write it with the CSV; returns the DataFrame."""
     args = get_args_parser().parse_args(argv)
     df = table(collect(args.runs))
-    text = markdown(df)
-    atomic_write_csv(df, args.out)
-    atomic_write_text(text, Path(args.out).with_suffix('.md'))
-    print(text, end='')
+    publish(df, markdown(df), args.out)
     return df
 
 

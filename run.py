@@ -15,7 +15,9 @@ code and the tail of its log, and the sweep goes on. At the end the runs are exp
 import argparse
 import hashlib
 import itertools
+import json
 import logging
+import os
 import re
 import shlex
 import signal
@@ -25,23 +27,13 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import yaml
-
-from utils import DataError, atomic_write_csv, folder_lock, run_cli, str2bool
+from config import check_flag_names, read_yaml_mapping, tokens
+from utils import DataError, atomic_write_csv, folder_lock, read_csv, run_cli, str2bool
 
 log = logging.getLogger('run')
 HERE = Path(__file__).resolve().parent
 MANAGED = ('output_dir', 'log_dir', 'log_name', 'auto_resume')
 LAUNCHERS = ('local', 'torchrun', 'slurm')
-
-
-def tokens(value):
-    """Command-line tokens of a flag value: lists give several tokens, booleans True/False, the rest str()."""
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in tokens(v)]
-    if isinstance(value, bool):
-        return [str(value)]
-    return [str(value)]
 
 
 def parse_base(text):
@@ -86,8 +78,8 @@ def load_sweep(args):
     """The sweep of a YAML file and/or the command line.
 
     YAML keys: ``sweep_dir``, ``base`` (flags for every run), ``grid`` (every combination), ``zip`` (element-wise,
-    crossed with the grid), ``launcher``, ``nproc_per_node``, ``metric``, ``slurm`` (partition, time, gpus_per_node,
-    nodes). Command-line ``--base``/``--grid``/``--zip`` add to (and override) the file.
+    crossed with the grid), ``zip_names`` (a run-name part per zip row, in place of its values), ``launcher``,
+    ``nproc_per_node``, ``metric``, ``slurm`` (partition, time, gpus_per_node, nodes, cpus_per_task). Command-line ``--base``/``--grid``/``--zip`` add to (and override) the file.
 
     Returns:
         dict with sweep_dir (Path), base ({flag: tokens}), grid and zip ({flag: [tokens, ...]}), launcher options.
@@ -97,25 +89,33 @@ def load_sweep(args):
     """
     cfg = {}
     if args.config:
-        try:
-            cfg = yaml.safe_load(Path(args.config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise DataError(f'{args.config}: unreadable sweep file ({e.__class__.__name__}: {e})') from None
-        unknown = set(cfg) - {'sweep_dir', 'base', 'grid', 'zip', 'launcher', 'nproc_per_node', 'metric', 'slurm'}
+        cfg = read_yaml_mapping(args.config, 'sweep file')
+        unknown = set(cfg) - {'sweep_dir', 'base', 'grid', 'zip', 'zip_names', 'launcher', 'nproc_per_node', 'metric',
+                              'slurm'}
         if unknown:
             raise DataError(f'{args.config}: unknown key(s) {", ".join(sorted(unknown))}')
+        for key in ('base', 'grid', 'zip', 'slurm'):
+            if not isinstance(cfg.get(key) or {}, dict):
+                raise DataError(f'{args.config}: {key} must be a mapping of names to values')
     base = {str(k).lstrip('-'): tokens(v) for k, v in (cfg.get('base') or {}).items()}
     base.update(parse_base(args.base))
     grid = normalise(cfg.get('grid'))
     grid.update(parse_assignments(args.grid, 'grid'))
     zipped = normalise(cfg.get('zip'))
     zipped.update(parse_assignments(args.zip, 'zip'))
+    from main import get_args_parser
+    check_flag_names([*base, *grid, *zipped], get_args_parser(), args.config or 'the sweep')
     managed = [f for f in MANAGED if f in base or f in grid or f in zipped]
     if managed:
         raise DataError(f'--{managed[0]} is set by run.py for each run; leave it out of the sweep')
     if len({len(v) for v in zipped.values()}) > 1:
         raise DataError('zip: all lists must have the same length, got ' +
                         ', '.join(f'{k} {len(v)}' for k, v in zipped.items()))
+    zip_names = [safe(str(n)) for n in cfg.get('zip_names') or []]
+    rows = len(next(iter(zipped.values()))) if zipped else 0
+    if zip_names and (len(zip_names) != rows or len(set(zip_names)) != rows):
+        raise DataError(f'{args.config}: zip_names needs {rows} different names, one per zip row, '
+                        f'got {len(zip_names)}')
     sweep_dir = args.sweep_dir or cfg.get('sweep_dir')
     if not sweep_dir:
         raise DataError('give --sweep_dir (or sweep_dir: in the sweep file)')
@@ -123,7 +123,7 @@ def load_sweep(args):
     for key in ('partition', 'time', 'gpus_per_node', 'nodes'):
         if getattr(args, f'slurm_{key}') is not None:
             slurm[key] = getattr(args, f'slurm_{key}')
-    return {'sweep_dir': Path(sweep_dir), 'base': base, 'grid': grid, 'zip': zipped,
+    return {'sweep_dir': Path(sweep_dir), 'base': base, 'grid': grid, 'zip': zipped, 'zip_names': zip_names,
             'launcher': args.launcher or cfg.get('launcher', 'local'),
             'nproc_per_node': args.nproc_per_node or cfg.get('nproc_per_node', 1),
             'metric': args.metric or cfg.get('metric', 'val/auroc'), 'slurm': slurm}
@@ -151,9 +151,11 @@ def plan_runs(sweep):
     rows = list(zip(*[sweep['zip'][f] for f in zip_flags])) or [()]
     runs, seen = [], {}
     for combo in combos:
-        for row in rows:
+        for i, row in enumerate(rows):
             values = dict(zip(grid_flags, combo)) | dict(zip(zip_flags, row))
             name = run_name(values)
+            if sweep.get('zip_names'):  # a name per zip row stands for the zip's values
+                name = '_'.join([sweep['zip_names'][i], run_name(dict(zip(grid_flags, combo)))][:2 if combo else 1])
             if len(name) > 120:
                 name = name[:100] + '_' + hashlib.sha1(name.encode()).hexdigest()[:8]
             seen[name] = seen.get(name, 0) + 1
@@ -186,25 +188,85 @@ def build_command(run, sweep):
     return [sys.executable, main_py, *args]
 
 
-def execute(command, log_path):
+def stop(proc, timeout=120):
+    """Send SIGTERM to a running subprocess.Popen and wait for it (SIGKILL after ``timeout`` seconds)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def execute(command, log_path, env=None, on_start=None):
     """Run a command, its output appended to ``log_path``; returns its exit code (used locally and by submitit).
 
     Ctrl-C or SIGTERM here is passed on to the command as SIGTERM, and waited for (at most 2 minutes), before it
-    propagates: a training stops cleanly with its checkpoint, resumable by the next sweep."""
+    propagates: a training stops cleanly with its checkpoint, resumable by the next sweep.
+
+    Args:
+        command: list of str. log_path: str or Path. env: dict of environment variables (None: this process's).
+        on_start: optional callable given the subprocess.Popen once it runs.
+    """
     with open(log_path, 'a') as f:
         f.write(f'\n# {time.strftime("%Y-%m-%d %H:%M:%S")} {shlex.join(command)}\n')
         f.flush()
-        proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, cwd=str(HERE))
+        proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, cwd=str(HERE), env=env)
+        if on_start is not None:
+            on_start(proc)
         try:
             return proc.wait()
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run stops as it would alone, after its last checkpoint
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
             raise
+
+
+def task_environment(job_env):
+    """The torch.distributed variables of one SLURM task, from submitit's ``JobEnvironment``.
+
+    Args:
+        job_env: object with ``global_rank``, ``local_rank``, ``num_tasks``, ``num_nodes``, ``hostnames`` (list of
+            str, the job's nodes in order) and ``job_id`` (str), as ``submitit.JobEnvironment()`` gives.
+    Returns:
+        dict of str: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR (the first node), MASTER_PORT (from
+        the job id, the same in every task of the job) -- what ``torch.distributed``'s env:// start reads, as torchrun
+        sets it.
+    """
+    port = 20000 + int(hashlib.sha1(str(job_env.job_id).encode()).hexdigest(), 16) % 20000
+    return {'RANK': str(job_env.global_rank), 'WORLD_SIZE': str(job_env.num_tasks),
+            'LOCAL_RANK': str(job_env.local_rank), 'LOCAL_WORLD_SIZE': str(job_env.num_tasks // job_env.num_nodes),
+            'MASTER_ADDR': str(job_env.hostnames[0]), 'MASTER_PORT': str(port)}
+
+
+class SlurmTask:
+    """What submitit runs in every task of a run's SLURM job (one task per GPU): ``python main.py ...`` with the
+    torch.distributed variables of the task (``task_environment``), rank 0's output in the run's train.log and the
+    others' in train.rankN.log.
+
+    On preemption or time-out submitit calls ``checkpoint`` in the rank-0 task: the training gets SIGTERM, stops with
+    its last epoch's checkpoint, and the same command (which carries ``--auto_resume True``) is requeued.
+    """
+
+    def __init__(self):
+        self.proc = None
+
+    def __call__(self, command, log_path):
+        """Run the command in this task; returns its exit code."""
+        import submitit
+        job_env = submitit.JobEnvironment()
+        env = {**os.environ, **task_environment(job_env)}
+        if job_env.global_rank:
+            log_path = Path(log_path).with_suffix(f'.rank{job_env.global_rank}.log')
+        return execute(command, log_path, env=env, on_start=lambda proc: setattr(self, 'proc', proc))
+
+    def checkpoint(self, command, log_path):
+        """Stop the training cleanly and return the submission that requeues it (submitit's checkpoint protocol)."""
+        import submitit
+        stop(self.proc)
+        self.proc = None
+        return submitit.helpers.DelayedSubmission(SlurmTask(), command, log_path)
 
 
 def tail(path, lines=15):
@@ -217,20 +279,25 @@ def tail(path, lines=15):
 
 def record(status_path, row):
     """Update one run's row of the sweep's status.csv (written atomically)."""
-    table = pd.read_csv(status_path) if Path(status_path).is_file() else pd.DataFrame(columns=list(row))
+    table = read_csv(status_path, 'sweep status file') if Path(status_path).is_file() else pd.DataFrame(columns=list(row))
     table = table[table['name'] != row['name']]
     table = pd.concat([table, pd.DataFrame([row])], ignore_index=True).sort_values('name')
     atomic_write_csv(table, status_path)
 
 
 def slurm_executor(sweep, name, cluster=None):
-    """A submitit executor for one run (SLURM, or submitit's local executor with ``cluster='local'``)."""
+    """A submitit executor for one run (SLURM, or submitit's local executor with ``cluster='local'``).
+
+    One task per GPU on each of ``nodes`` nodes (one task where no GPU is asked for); each task runs SlurmTask.
+    """
     import submitit
     s = sweep['slurm']
     executor = submitit.AutoExecutor(folder=str(sweep['sweep_dir'] / 'slurm' / name), cluster=cluster)
+    gpus = int(s.get('gpus_per_node') or 0)
+    extra = {'cpus_per_task': int(s['cpus_per_task'])} if s.get('cpus_per_task') else {}
     executor.update_parameters(name=name, timeout_min=int(s.get('time', 60)), nodes=int(s.get('nodes', 1)),
-                               tasks_per_node=1, slurm_partition=s.get('partition'),
-                               slurm_gpus_per_node=s.get('gpus_per_node'))
+                               tasks_per_node=max(gpus, 1), slurm_partition=s.get('partition'),
+                               slurm_gpus_per_node=gpus or None, **extra)
     return executor
 
 
@@ -250,6 +317,7 @@ def run_sweep(sweep, dry_run=False, slurm_cluster=None, top=5):
     for i, r in enumerate(runs):
         name, out = r['name'], sweep_dir / 'runs' / r['name']
         if states[name] == 'finished':
+            record_unrecorded(status_path, name, out)
             continue
         out.mkdir(parents=True, exist_ok=True)
         command = build_command(r, sweep)
@@ -257,7 +325,7 @@ def run_sweep(sweep, dry_run=False, slurm_cluster=None, top=5):
         print(f'[{i + 1}/{len(runs)}] {action[states[name]]} {name}', flush=True)
         t0 = time.time()
         if sweep['launcher'] == 'slurm':
-            job = slurm_executor(sweep, name, slurm_cluster).submit(execute, command, str(out / 'train.log'))
+            job = slurm_executor(sweep, name, slurm_cluster).submit(SlurmTask(), command, str(out / 'train.log'))
             jobs.append((name, out, job, t0))
             continue
         try:
@@ -277,6 +345,18 @@ def run_sweep(sweep, dry_run=False, slurm_cluster=None, top=5):
         finish(status_path, name, out, code, t0, states)
     summarise(sweep, top)
     return states
+
+
+def record_unrecorded(status_path, name, out):
+    """Record a finished run that status.csv lacks (the sweep was killed between the run's end and its record);
+    its seconds are the sum of the epoch times in its log.txt."""
+    if Path(status_path).is_file() and name in set(read_csv(status_path, 'sweep status file')['name']):
+        return
+    log = out / 'log.txt'
+    seconds = sum(json.loads(line).get('time_s', 0.0) for line in log.read_text().splitlines() if line.strip()) \
+        if log.is_file() else float('nan')
+    record(status_path, {'name': name, 'state': 'finished', 'exit_code': 0, 'seconds': round(seconds, 1),
+                         'log_tail': ''})
 
 
 def finish(status_path, name, out, code, t0, states):

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import random
+import re
 import signal
 import tempfile
 import time
@@ -68,6 +69,9 @@ def str2bool_or_auto(value):
         raise argparse.ArgumentTypeError(f'expected True, False or auto, got "{value}"') from None
 
 
+TMP_NAME = re.compile(r'\..+\.[a-z0-9_]{8}\.tmp')  # atomic_write's temporary files: .NAME.XXXXXXXX.tmp
+
+
 def atomic_write(path, write, mode='w'):
     """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync it, then rename it onto ``path``.
 
@@ -86,7 +90,8 @@ def atomic_write(path, write, mode='w'):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
-        with os.fdopen(fd, mode) as f:
+        text = {} if 'b' in mode else {'encoding': 'utf-8', 'errors': 'surrogateescape'}  # any file name round-trips
+        with os.fdopen(fd, mode, **text) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -98,6 +103,26 @@ def atomic_write(path, write, mode='w'):
             raise DataError(f'{path}: cannot write ({e.strerror}); the previous version of the file is intact') \
                 from None
         raise
+
+
+def read_csv(path, what='table', **kwargs):
+    """Read a CSV file with pandas; file names that are not UTF-8 come back as written (surrogate escapes).
+
+    Args:
+        path: str or Path. what: the file's role in an error message. kwargs: passed to ``pandas.read_csv``.
+    Returns:
+        pandas.DataFrame.
+    Raises:
+        DataError: a missing, unreadable or malformed file, or a requested column it lacks (one line naming it).
+    """
+    import pandas as pd
+    try:
+        return pd.read_csv(path, encoding_errors='surrogateescape', **kwargs)
+    except FileNotFoundError:
+        raise DataError(f'{path}: no such {what}') from None
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        reason = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+        raise DataError(f'{path}: unreadable {what} ({reason})') from None
 
 
 def atomic_write_csv(df, path):
@@ -123,6 +148,19 @@ def atomic_write_bytes(data, path):
 def atomic_torch_save(obj, path):
     """``torch.save`` atomically: a crash mid-write never leaves a truncated checkpoint at ``path``."""
     atomic_write(path, lambda f: torch.save(obj, f), mode='wb')
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files ``atomic_write`` left below ``folder`` when its writer was killed (kill -9).
+
+    Only call it while holding the folder's lock: then no other process is writing one. Returns the number removed.
+    """
+    stale = [p for p in Path(folder).rglob('.*.tmp') if p.is_file() and TMP_NAME.fullmatch(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        logging.getLogger('utils').info(f'removed {len(stale)} temporary file(s) of an interrupted writer in {folder}')
+    return len(stale)
 
 
 @contextlib.contextmanager
@@ -162,6 +200,7 @@ def folder_lock(folder, what='this folder'):
     try:
         atomic_write_json({'pid': os.getpid(), 'command': ' '.join(sys.argv),
                            'since': time.strftime('%Y-%m-%d %H:%M:%S')}, folder / '.lock.owner')
+        remove_stale_temporaries(folder)
         yield
     finally:
         (folder / '.lock.owner').unlink(missing_ok=True)

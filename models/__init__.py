@@ -9,8 +9,9 @@ from timm.models import adapt_input_conv
 from timm.models.convnext import checkpoint_filter_fn as convnext_filter_fn
 
 from utils import DataError
-from . import convnext_isotropic
+from . import convnext_isotropic, resnet_roadmap
 from .convnext_isotropic import ConvNeXtIsotropic
+from .resnet_roadmap import ResNetRoadmap
 
 log = logging.getLogger('models')
 HEAD_KEYS = ('head.fc.weight', 'head.fc.bias', 'head.weight', 'head.bias')
@@ -32,22 +33,28 @@ def build_model(args):
     """Create the classifier named ``args.model`` with ``timm.create_model`` (no download; weights are random).
 
     Uses ``args.nb_classes``, ``drop_path``, ``in_chans``, ``head_init_scale`` and, when set, ``layer_scale_init_value``
-    (V1 and isotropic models; ConvNeXt V2 has no layer scale).
+    (V1, isotropic and roadmap models; ConvNeXt V2 has no layer scale); ``--model resnet`` (the ResNet-50 to
+    ConvNeXt-T roadmap, models/resnet_roadmap.py) also takes the ``--resnet_*`` flags.
 
     Returns:
         torch.nn.Module mapping float [B, in_chans, H, W] to logits [B, nb_classes].
 
     Raises:
-        DataError: the name is not in timm's registry.
+        DataError: the name is not in timm's registry, or a --resnet_* value the roadmap network cannot take.
     """
     if args.model not in timm.list_models():
         near = timm.list_models(f'*{args.model.split("_")[0]}*')[:8]
         raise DataError(f'--model {args.model}: unknown model name; e.g. {", ".join(near) or "convnext_atto"}')
     kwargs = dict(num_classes=args.nb_classes, drop_path_rate=args.drop_path, in_chans=args.in_chans)
-    if 'convnext' in args.model:
+    if 'convnext' in args.model or args.model == 'resnet':
         kwargs['head_init_scale'] = args.head_init_scale
         if getattr(args, 'layer_scale_init_value', None) is not None and 'convnextv2' not in args.model:
             kwargs['ls_init_value'] = args.layer_scale_init_value
+    if args.model == 'resnet':
+        try:
+            kwargs.update(resnet_roadmap.options_from_args(args))
+        except ValueError as e:
+            raise DataError(str(e)) from None
     return timm.create_model(args.model, pretrained=False, **kwargs)
 
 

@@ -31,7 +31,7 @@ def test_two_processes_write_one_set_of_outputs(ddp_run):
     assert [r['epoch'] for r in records] == [0, 1]
     assert len(list((out / 'tensorboard').glob('events.out.tfevents.*'))) == 1
     assert sorted(p.name for p in out.iterdir()) == ['.lock', 'args.json', 'checkpoint-best.pth',  # rank 0's lock
-                                                     'checkpoint-last.pth', 'finished.json', 'log.txt',
+                                                     'checkpoint-last.pth', 'config.yaml', 'finished.json', 'log.txt',
                                                      'metrics.json', 'tensorboard']
     assert proc.stdout.count('epoch 2/2') == 1  # one summary line per epoch, from rank 0 only
     assert 'effective batch 16 (8 x 1 accumulation x 2 processes)' in proc.stderr

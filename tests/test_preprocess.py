@@ -12,11 +12,12 @@ from utils import DataError
 
 
 def make_root(root, counts, size=(20, 30)):
-    """Class folders with ``counts`` {label: n} synthetic PNG images."""
-    for label, n in counts.items():
+    """Class folders with ``counts`` {label: n} synthetic PNG images, all different (one image under two classes
+    is refused)."""
+    for k, (label, n) in enumerate(counts.items()):
         (root / label).mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            cv2.imwrite(str(root / label / f'{label}_{i}.png'), np.full(size, i * 7 % 255, np.uint8))
+            cv2.imwrite(str(root / label / f'{label}_{i}.png'), np.full(size, (i * 7 + 50 * k) % 255, np.uint8))
     return root
 
 

@@ -133,3 +133,47 @@ def test_sigterm_to_the_sweep_reaches_the_run(elpv_small, tmp_path):
     with folder_lock(run_dir):  # the training stopped too: nothing holds its folder any more
         pass
     assert sweeps.run_state(run_dir) == 'interrupted' and 'interrupted' in (run_dir / 'train.log').read_text()
+
+
+def test_slurm_executor_one_task_per_gpu_on_two_nodes(tmp_path, monkeypatch):
+    submitit = pytest.importorskip('submitit')
+    monkeypatch.setattr(submitit.SlurmExecutor, 'affinity', classmethod(lambda cls: 1))  # no srun on this machine
+    sweep = {'sweep_dir': tmp_path / 's', 'slurm': {'partition': 'gpu', 'time': 30, 'nodes': 2, 'gpus_per_node': 4}}
+    params = sweeps.slurm_executor(sweep, 'run-a', cluster='slurm')._executor.parameters
+    assert params['nodes'] == 2 and params['ntasks_per_node'] == 4 and params['gpus_per_node'] == 4
+    assert params['partition'] == 'gpu' and params['time'] == 30
+    cpu = sweeps.slurm_executor({**sweep, 'slurm': {'time': 5}}, 'run-b', cluster='slurm')._executor.parameters
+    assert cpu['ntasks_per_node'] == 1 and 'gpus_per_node' not in cpu
+
+
+def test_task_environment_for_two_nodes_of_four_gpus():
+    from types import SimpleNamespace
+    envs = [sweeps.task_environment(SimpleNamespace(global_rank=n * 4 + g, local_rank=g, num_tasks=8, num_nodes=2,
+                                                    hostnames=['node-a', 'node-b'], job_id='4242'))
+            for n in range(2) for g in range(4)]
+    assert [e['RANK'] for e in envs] == [str(r) for r in range(8)]
+    assert [e['LOCAL_RANK'] for e in envs] == [str(g) for g in (0, 1, 2, 3) * 2]
+    assert {e['WORLD_SIZE'] for e in envs} == {'8'} and {e['LOCAL_WORLD_SIZE'] for e in envs} == {'4'}
+    assert {e['MASTER_ADDR'] for e in envs} == {'node-a'} and len({e['MASTER_PORT'] for e in envs}) == 1
+    other = sweeps.task_environment(SimpleNamespace(global_rank=0, local_rank=0, num_tasks=8, num_nodes=2,
+                                                    hostnames=['node-a', 'node-b'], job_id='4243'))
+    assert 20000 <= int(other['MASTER_PORT']) < 40000
+
+
+def test_preempted_task_stops_the_training_and_requeues_itself(tmp_path):
+    pytest.importorskip('submitit')
+    marker = tmp_path / 'stopped'
+    child = ('import signal, sys, time\n'
+             f'signal.signal(signal.SIGTERM, lambda *a: (open({str(marker)!r}, "w").write("term"), sys.exit(143)))\n'
+             'print("ready", flush=True)\n'
+             'time.sleep(60)\n')
+    task = sweeps.SlurmTask()
+    command = [sys.executable, '-c', child]
+    task.proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert task.proc.stdout.readline().strip() == 'ready'
+    delayed = task.checkpoint(command, str(tmp_path / 'train.log'))
+    assert marker.read_text() == 'term'  # the training got SIGTERM, as main.py's clean stop expects
+    assert isinstance(delayed.function, sweeps.SlurmTask) and delayed.function.proc is None
+    assert delayed.args == (command, str(tmp_path / 'train.log'))
+    import pickle
+    pickle.dumps(delayed)  # submitit pickles the requeued submission
