@@ -162,7 +162,9 @@ def load_for_inference(path, args, explicit):
         path: checkpoint file. args: argparse.Namespace of main.py. explicit: set of flag names given by the user.
 
     Returns:
-        (model on CPU in eval mode, argparse.Namespace of the effective flags).
+        (model on CPU in eval mode, argparse.Namespace of the effective flags plus ``temperature`` (float, 1.0 when
+        the checkpoint has none) and ``threshold`` (float or None), the operating point ``--calibrate`` and
+        ``--target_recall`` stored in it).
 
     Raises:
         DataError: unreadable checkpoint or weights of another architecture.
@@ -179,4 +181,13 @@ def load_for_inference(path, args, explicit):
         load_model_state(model, ckpt[key], path)
     else:
         load_pretrained(model, path, args.model_key)
+    run_args.temperature = float(ckpt.get('temperature') or 1.0) if isinstance(ckpt, dict) else 1.0
+    run_args.threshold = ckpt.get('threshold') if isinstance(ckpt, dict) else None
     return model.eval(), run_args
+
+
+def add_operating_point(path, point):
+    """Store an operating point (dict with 'temperature' and 'threshold') in a checkpoint file, atomically."""
+    ckpt = read_checkpoint(path)
+    ckpt.update({k: point[k] for k in ('temperature', 'threshold')})
+    atomic_torch_save(ckpt, path)

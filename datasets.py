@@ -283,13 +283,18 @@ class DefectDataset(Dataset):
                 log.warning(f'skipped image {e}')
                 self.reported.add(index)
             return None
-        pil = Image.fromarray(img)
-        if self.in_chans == 1 and pil.mode != 'L':
-            pil = pil.convert('L')
-        elif self.in_chans == 3 and pil.mode != 'RGB':
-            pil = pil.convert('RGB')
-        x = self.transform(pil)
-        return x, torch.tensor(self.labels[index]), torch.tensor(index)
+        return to_tensor(img, self.in_chans, self.transform), torch.tensor(self.labels[index]), torch.tensor(index)
+
+
+def to_tensor(img, in_chans, transform):
+    """A decoded uint8 image ([H, W] or [H, W, 3] RGB) -> the model's input tensor [in_chans, S, S] (float32):
+    converted to grayscale or RGB as ``in_chans`` asks, then ``transform`` (``build_transform``)."""
+    pil = Image.fromarray(img)
+    if in_chans == 1 and pil.mode != 'L':
+        pil = pil.convert('L')
+    elif in_chans == 3 and pil.mode != 'RGB':
+        pil = pil.convert('RGB')
+    return transform(pil)
 
 
 def collate_skip(batch):
@@ -444,4 +449,4 @@ def balanced_label_weights(frame):
 
 __all__ = ['DefectDataset', 'ImageCache', 'PerImageStandardize', 'RandomRot90', 'balanced_label_weights',
            'build_transform', 'cache_fits', 'cache_side', 'check_files_exist', 'collate_skip', 'is_split_folder',
-           'label_counts', 'load_eval_frame', 'load_splits', 'upsample']
+           'label_counts', 'load_eval_frame', 'load_splits', 'to_tensor', 'upsample']

@@ -106,8 +106,8 @@ def table(records):
 
     Returns:
         pandas.DataFrame, one row per set-up in first-seen order: ``setup`` (the arguments that differ between
-        set-ups, ``flag=value``, an empty value shown as ``none``), ``runs``, ``seeds``, ``<metric>_mean`` / ``<metric>_std`` for each of METRICS
-        present (sample standard deviation, NaN with one run), ``minutes`` (mean wall time per run).
+        set-ups, ``flag=value``, an empty value shown as ``none``), ``runs``, ``seeds``, ``<metric>_mean`` /
+        ``<metric>_std`` for each of METRICS present (sample standard deviation, NaN with one run), ``minutes`` (mean wall time per run).
     """
     groups = {}
     for r in records:

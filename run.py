@@ -79,7 +79,8 @@ def load_sweep(args):
 
     YAML keys: ``sweep_dir``, ``base`` (flags for every run), ``grid`` (every combination), ``zip`` (element-wise,
     crossed with the grid), ``zip_names`` (a run-name part per zip row, in place of its values), ``launcher``,
-    ``nproc_per_node``, ``metric``, ``slurm`` (partition, time, gpus_per_node, nodes, cpus_per_task). Command-line ``--base``/``--grid``/``--zip`` add to (and override) the file.
+    ``nproc_per_node``, ``metric``, ``slurm`` (partition, time, gpus_per_node, nodes, cpus_per_task).
+    Command-line ``--base``/``--grid``/``--zip`` add to (and override) the file.
 
     Returns:
         dict with sweep_dir (Path), base ({flag: tokens}), grid and zip ({flag: [tokens, ...]}), launcher options.
@@ -103,7 +104,7 @@ def load_sweep(args):
     grid.update(parse_assignments(args.grid, 'grid'))
     zipped = normalise(cfg.get('zip'))
     zipped.update(parse_assignments(args.zip, 'zip'))
-    from main import get_args_parser
+    from flags import get_args_parser
     check_flag_names([*base, *grid, *zipped], get_args_parser(), args.config or 'the sweep')
     managed = [f for f in MANAGED if f in base or f in grid or f in zipped]
     if managed:
@@ -279,7 +280,8 @@ def tail(path, lines=15):
 
 def record(status_path, row):
     """Update one run's row of the sweep's status.csv (written atomically)."""
-    table = read_csv(status_path, 'sweep status file') if Path(status_path).is_file() else pd.DataFrame(columns=list(row))
+    table = read_csv(status_path, 'sweep status file') if Path(status_path).is_file() else \
+        pd.DataFrame(columns=list(row))
     table = table[table['name'] != row['name']]
     table = pd.concat([table, pd.DataFrame([row])], ignore_index=True).sort_values('name')
     atomic_write_csv(table, status_path)

@@ -163,4 +163,5 @@ def load_pretrained(model, path, model_key='model|model_ema|module|state_dict', 
     return {'missing': list(result.missing_keys), 'unexpected': list(result.unexpected_keys), 'dropped_head': dropped}
 
 
-__all__ = ['ConvNeXtIsotropic', 'build_model', 'check_input_size', 'extract_state_dict', 'load_pretrained', 'read_checkpoint']
+__all__ = ['ConvNeXtIsotropic', 'ResNetRoadmap', 'build_model', 'check_input_size', 'extract_state_dict',
+           'load_pretrained', 'read_checkpoint']

@@ -16,7 +16,8 @@ One network whose options are the paper's "modernization" steps; each step adds 
     LayerNorm                   norm_layer='ln'                     channel LayerNorm instead of BatchNorm
     final norm                  final_norm=True                     norm on the pooled features before the classifier
     separate downsampling       sep_downsample=True                 norm + 2x2 stride-2 conv between stages, blocks
-                                                                    without stride or projection, layer scale: ConvNeXt-T
+                                                                    without stride or projection, layer scale:
+                                                                    ConvNeXt-T
 
 With every option the module names and shapes are timm's ``convnext_tiny`` (apart from the 1x1 convs that timm
 writes as Linear layers: ``convnext_state_dict`` maps them), and the network computes what timm's does. Registered in
@@ -161,7 +162,8 @@ class ResNetRoadmap(nn.Module):
         check_options(layers, stem, block, kernel_size, act_layer, norm_layer, embed_dim)
         widths = [embed_dim * 2 ** i * (4 if block == 'bottleneck' else 1) for i in range(4)]
         if stem == 'resnet':
-            self.stem = nn.Sequential(nn.Conv2d(in_chans, embed_dim, 7, 2, 3, bias=False), norm2d(norm_layer, embed_dim),
+            self.stem = nn.Sequential(nn.Conv2d(in_chans, embed_dim, 7, 2, 3, bias=False),
+                                      norm2d(norm_layer, embed_dim),
                                       ACT_LAYERS[act_layer](), nn.MaxPool2d(3, 2, 1))
         else:
             self.stem = nn.Sequential(nn.Conv2d(in_chans, embed_dim, 4, 4), norm2d(norm_layer, embed_dim))

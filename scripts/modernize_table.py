@@ -100,8 +100,8 @@ def markdown(df, size, batch):
 def get_args_parser():
     p = argparse.ArgumentParser('The ResNet-to-ConvNeXt roadmap table')
     p.add_argument('--runs', default=None, help='the modernize sweep\'s runs folder (optional)')
-    p.add_argument('--input_size', type=int, default=128, help='pixels, for the training speed')
-    p.add_argument('--batch_size', type=int, default=16)
+    p.add_argument('--input_size', type=int, default=64, help='pixels, for the training speed (the sweep\'s size)')
+    p.add_argument('--batch_size', type=int, default=32)
     p.add_argument('--steps', type=int, default=5, help='timed training steps per model')
     p.add_argument('--out', default='csv/modernize_table.csv', help='CSV written here; the markdown beside it (.md)')
     return p

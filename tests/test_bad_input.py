@@ -23,7 +23,8 @@ from imaging import ImageReadError, read_image
 from utils import run_cli
 
 ENTRY = {'main': main.main,
-         'preprocess': lambda argv: preprocess_data.main(preprocess_data.get_args_parser().parse_args(argv)), 'run': run.main, 'load_board': load_board.main,
+         'preprocess': lambda argv: preprocess_data.main(preprocess_data.get_args_parser().parse_args(argv)),
+         'run': run.main, 'load_board': load_board.main,
          'results_table': results_table.main}
 
 
