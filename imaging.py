@@ -46,12 +46,10 @@ def header_size(data):
 
 
 def read_image(path, channels=3):
-    """Read an image with OpenCV as uint8, whatever its depth and channels, turned upright by its EXIF orientation.
+    """Read an image file with OpenCV as uint8, whatever its depth and channels, turned upright by its EXIF orientation.
 
-    Grayscale, BGR, BGRA (alpha dropped), palette and CMYK images are converted; 16-bit images are scaled to 8 bits
-    (value / 257, so 65535 -> 255, never clipped); float images in [0, 1] are scaled by 255. The file is read as
-    bytes and decoded with ``cv2.imdecode``, so any file name works (spaces, names that are not UTF-8); an image of
-    more than ``MAX_IMAGE_PIXELS`` pixels is refused from its header, before decoding.
+    The file is read as bytes and decoded by ``decode_image``, so any file name works (spaces, names that are not
+    UTF-8).
 
     Args:
         path: image file.
@@ -69,20 +67,40 @@ def read_image(path, channels=3):
     except (OSError, ValueError) as e:
         reason = 'file not found' if not Path(path).is_file() else f'unreadable ({e.__class__.__name__})'
         raise ImageReadError(f'{path}: {reason}') from None
+    return decode_image(data, path, channels)
+
+
+def decode_image(data, name, channels=3):
+    """Decode an encoded image (the bytes of a PNG, JPEG, BMP or TIFF file) as uint8, turned upright by its EXIF
+    orientation.
+
+    Grayscale, BGR, BGRA (alpha dropped), palette and CMYK images are converted; 16-bit images are scaled to 8 bits
+    (value / 257, so 65535 -> 255, never clipped); float images in [0, 1] are scaled by 255. An image of more than
+    ``MAX_IMAGE_PIXELS`` pixels is refused from its header, before decoding (bounded memory).
+
+    Args:
+        data: bytes or uint8 numpy array [N] of the encoded file. name: the file's name for messages.
+        channels: as ``read_image``.
+    Returns:
+        uint8 numpy array [H, W] or [H, W, 3] (RGB).
+    Raises:
+        ImageReadError: empty, too large or undecodable data (message names ``name``).
+    """
+    data = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray)) else data
     if data.size == 0:
-        raise ImageReadError(f'{path}: empty file (0 bytes)')
+        raise ImageReadError(f'{name}: empty file (0 bytes)')
     size = header_size(data)
     if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
-        raise ImageReadError(f'{path}: {size[0]}x{size[1]} pixels, more than the {MAX_IMAGE_PIXELS:,} read')
+        raise ImageReadError(f'{name}: {size[0]}x{size[1]} pixels, more than the {MAX_IMAGE_PIXELS:,} read')
     img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     if img is None or img.size == 0:
-        raise ImageReadError(f'{path}: cannot be decoded (corrupt or unsupported)')
+        raise ImageReadError(f'{name}: cannot be decoded (corrupt or unsupported)')
     if img.dtype == np.uint16:
         img = np.round(img.astype(np.float32) / 257.0).astype(np.uint8)
     elif img.dtype in (np.float32, np.float64):
         img = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
     elif img.dtype != np.uint8:
-        raise ImageReadError(f'{path}: unsupported pixel type {img.dtype}')
+        raise ImageReadError(f'{name}: unsupported pixel type {img.dtype}')
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
     if img.ndim == 2:

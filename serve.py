@@ -1,0 +1,109 @@
+"""HTTP service for inspection lines: P(defect) of uploaded images from trained checkpoints (FastAPI + uvicorn).
+
+    python serve.py --resume output/elpv/checkpoint-best.pth --host 127.0.0.1 --port 8000
+    curl -F files=@cell1.png -F files=@cell2.png http://127.0.0.1:8000/predict
+
+``GET /`` is the inspection page (static/index.html, served from here: no CDN): drop images, a card each with
+P(defect) and label, a threshold slider that relabels the cards live. ``GET /health`` says the service is up and what it serves. ``POST /predict`` takes one or more images in the
+multipart field ``files`` and returns a JSON list, one object per image: ``filename``, ``p_defect``, ``label``
+('pos' when P(defect) >= threshold), ``probs`` (per head class) and ``threshold``. The numbers are those of
+``predict.Predictor``, the object prediction mode runs on. A bad upload (not an image, an empty or too large file,
+too many files) gets a 4xx JSON error ``{"detail": ...}`` naming the file, and the service keeps running; the limits
+are flags. Requests are handled one model call at a time (a lock), so concurrent requests queue instead of
+competing for the cores.
+"""
+import argparse
+import threading
+from pathlib import Path
+
+from imaging import ImageReadError, decode_image
+from predict import Predictor
+from utils import DataError, run_cli
+
+STATIC = Path(__file__).resolve().parent / 'static'
+
+
+def create_app(predictor, max_files=16, max_bytes=20_000_000):
+    """The FastAPI application around a loaded ``predict.Predictor``.
+
+    Args:
+        predictor: Predictor. max_files: int, images per request. max_bytes: int, bytes per image file.
+    Returns:
+        fastapi.FastAPI.
+    """
+    from fastapi import FastAPI, File, HTTPException, UploadFile
+
+    from fastapi.responses import FileResponse
+
+    app = FastAPI(title='ConvNeXt defect classifier')
+    lock = threading.Lock()
+
+    @app.get('/')
+    def page():
+        """The inspection page: drop images, a card each with P(defect) and label, a live threshold slider."""
+        return FileResponse(STATIC / 'index.html')
+
+    @app.get('/health')
+    def health():
+        """Liveness and what is served: model files, classes, threshold, limits."""
+        return {'status': 'ok', 'models': [m.path for m in predictor.members], 'classes': predictor.classes,
+                'threshold': predictor.threshold, 'max_files': max_files, 'max_bytes': max_bytes}
+
+    @app.post('/predict')
+    def predict(files: list[UploadFile] = File(...)):
+        """P(defect), label, class probabilities and threshold of each uploaded image."""
+        if len(files) > max_files:
+            raise HTTPException(413, f'{len(files)} files in one request; at most {max_files} (--max_files)')
+        images = []
+        for f in files:
+            data = f.file.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise HTTPException(413, f'{f.filename}: larger than {max_bytes} bytes (--max_bytes)')
+            try:
+                images.append(decode_image(data, f.filename, None))
+            except ImageReadError as e:
+                raise HTTPException(415, f'not an image: {e}') from None
+        with lock:
+            table = predictor.predict(images, names=[f.filename for f in files])
+        prob_columns = [f'p_{c}' for c in predictor.classes]
+        return [{'filename': row['name'], 'p_defect': float(row['p_defect']), 'label': row['label'],
+                 'probs': {c[2:]: float(row[c]) for c in prob_columns}, 'threshold': float(row['threshold'])}
+                for _, row in table.iterrows()]
+
+    return app
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('HTTP service: P(defect) of uploaded images')
+    p.add_argument('--resume', nargs='+', required=True, help='checkpoint(s) or .onnx file (several: an ensemble)')
+    p.add_argument('--host', default='127.0.0.1')
+    p.add_argument('--port', type=int, default=8000)
+    p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
+    p.add_argument('--conf', type=float, default=None,
+                   help="threshold on P(defect) (default: the checkpoint's --target_recall threshold, else 0.5)")
+    p.add_argument('--max_files', type=int, default=16, help='images per request')
+    p.add_argument('--max_bytes', type=int, default=20_000_000, help='bytes per image file')
+    return p
+
+
+def main(argv=None):
+    """Entry point: load the models once, then serve until Ctrl-C."""
+    args = get_args_parser().parse_args(argv)
+    if args.conf is not None and not 0 <= args.conf <= 1:
+        raise DataError(f'--conf must lie in [0, 1], got {args.conf}')
+    try:
+        import uvicorn
+    except ImportError:
+        raise DataError('serve.py needs fastapi, uvicorn and python-multipart: pip install -r requirements.txt') \
+            from None
+    from flags import get_args_parser as main_flags
+    flags = main_flags().parse_args(['--device', args.device])
+    predictor = Predictor(args.resume, flags, {'device'}, conf=args.conf)
+    print(f'serving {", ".join(args.resume)} on http://{args.host}:{args.port} (threshold {predictor.threshold:.4f})',
+          flush=True)
+    uvicorn.run(create_app(predictor, args.max_files, args.max_bytes), host=args.host, port=args.port,
+                log_level='warning')
+
+
+if __name__ == '__main__':
+    run_cli(main)
