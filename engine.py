@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from datasets import balanced_label_weights
 from distributed import all_reduce_sum, gather_predictions, is_main_process
+from imaging import write_image
 from labels import LABELS, defect_probability, head_classes, is_defect, label_indices
 from metrics import compute_metrics, reference_probabilities
 from plots import draw_graphs
@@ -359,8 +360,26 @@ def save_predictions(table, out_dir, with_conf=False):
     return len(table)
 
 
+def save_cams(table, out_dir, cams, chunk=32):
+    """Write ``cams(paths)``'s overlays as ``out_dir/cam/<true>/<pred>/<name>.png`` (``cam/<pred>/`` unlabelled).
+
+    Returns:
+        int, number of files written.
+    """
+    if (Path(out_dir) / 'cam').is_dir() and not (Path(out_dir) / 'predictions.csv').exists():
+        shutil.rmtree(Path(out_dir) / 'cam')  # overlays of a report that was stopped half-way
+    rows = list(table.itertuples(index=False))
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        for row, overlay in zip(part, cams([r.path for r in part])):
+            label = getattr(row, 'label', None)
+            folder = Path(out_dir) / 'cam' / (label if isinstance(label, str) else '') / row.pred
+            write_image(overlay, _unique_path(folder / f'{Path(row.path).stem}.png'))
+    return len(rows)
+
+
 def write_prediction_report(frame, probs, indices, nb_classes, out_dir, conf=0.5, soft_label_ratio=0.7,
-                            pred_save=False, with_conf=False, pred_eval=False, eval_name=''):
+                            pred_save=False, with_conf=False, pred_eval=False, eval_name='', cams=None):
     """Write the prediction report into ``out_dir``: sorted images, graphs, metrics.json, then predictions.csv.
 
     predictions.csv is written last (atomically), so its presence marks a complete report: a report killed half-way
@@ -370,6 +389,8 @@ def write_prediction_report(frame, probs, indices, nb_classes, out_dir, conf=0.5
         frame: sample list predicted on. probs: float array [N', C]. indices: int array [N'] into ``frame``.
         nb_classes: 2 or 4. conf: threshold on P(defect). pred_save, with_conf: copy images sorted into folders.
         pred_eval: draw graphs into ``out_dir/graphs/`` (labelled images only), names prefixed by ``eval_name``.
+        cams: optional callable, image paths -> Grad-CAM overlays (``predict.Predictor.cams``): one PNG per image
+            under ``out_dir/cam/``, sorted as images/ sorts the copies.
 
     Returns:
         dict: 'table' (DataFrame), 'metrics' (dict, empty when unlabelled), 'graphs' (list of Paths).
@@ -384,6 +405,8 @@ def write_prediction_report(frame, probs, indices, nb_classes, out_dir, conf=0.5
         if (out_dir / 'images').is_dir() and not (out_dir / 'predictions.csv').exists():
             shutil.rmtree(out_dir / 'images')  # copies of a report that was stopped half-way
         save_predictions(table, out_dir, with_conf)
+    if cams is not None:
+        save_cams(table, out_dir, cams)
     graphs = []
     known = labels >= 0
     if pred_eval and known.any():

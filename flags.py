@@ -190,6 +190,8 @@ def add_prediction_flags(p):
     g.add_argument('--pred_save_with_conf', type=str2bool, default=False, help='prefix copies with P(defect)')
     g.add_argument('--pred_eval', type=str2bool, default=False, help='draw evaluation graphs')
     g.add_argument('--pred_eval_name', default='', help='prefix of the graph file names')
+    g.add_argument('--pred_cam', type=str2bool, default=False,
+                   help='Grad-CAM overlay of P(defect) per image under the report\'s cam/ (as images/ sorts them)')
     g.add_argument('--conf', type=float, default=0.5,
                    help='decision threshold on P(defect); --eval/--pred use the checkpoint\'s --target_recall '
                         'threshold unless --conf is given')

@@ -9,6 +9,7 @@
 This file is the wiring: it parses and checks the flags (defined in flags.py), then runs one mode as a short
 sequence of steps whose rules live in the modules it calls (runtime, checkpoint, engine, datasets, models).
 """
+import argparse
 import logging
 import sys
 import time
@@ -28,7 +29,7 @@ from engine import (build_loss, build_optimizer, evaluate, format_metrics, frame
 from flags import check_args, get_args_parser
 from metrics import is_better
 from models import build_model, load_pretrained, read_checkpoint
-from predict import predict_checkpoint, predict_ensemble
+from predict import Predictor, predict_checkpoint
 from runlog import RunLog
 from runtime import (device_settings, load_training_data, make_dataset, make_loader, prepare_model, resolve_device,
                      seed_loader)
@@ -285,19 +286,23 @@ def run_pred(args, explicit):
         raise DataError(f'{held[0]}: already holds a prediction report; choose another --pred_save_path')
     results = []
     for group, out in zip(groups, outs):
-        probs, indices, frame, run_args = predict_ensemble(group, data, args, explicit, device)
+        predictor = Predictor(group, args, explicit, device)
+        probs, indices, frame = predictor.predict_frame(data)
         if not is_main_process():
             continue
+        run_args = argparse.Namespace(**vars(predictor.run_args))
+        run_args.threshold = None if len(group) > 1 else run_args.threshold  # a member's is its own
         report = write_prediction_report(frame, probs, indices, run_args.nb_classes, out,
                                          decision_threshold(args, explicit, run_args),
                                          run_args.soft_label_ratio, args.pred_save, args.pred_save_with_conf,
-                                         args.pred_eval, args.pred_eval_name)
+                                         args.pred_eval, args.pred_eval_name,
+                                         cams=predictor.cams if args.pred_cam else None)
         if report['metrics'].get('n'):
             print(f'{data} ({len(report["table"])} images): {format_metrics(report["metrics"])}')
         if report['metrics']['skipped']:
             print(f'warning: {report["metrics"]["skipped"]} unreadable image(s) skipped')
         print(f'prediction report: {out} (predictions.csv' + (', images/' if args.pred_save else '') +
-              (', graphs/' if report['graphs'] else '') + ')')
+              (', cam/' if args.pred_cam else '') + (', graphs/' if report['graphs'] else '') + ')')
         results.append(report)
     return results
 

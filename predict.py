@@ -204,6 +204,28 @@ class Predictor:
         table['threshold'] = self.threshold
         return table
 
+    def cams(self, images):
+        """Grad-CAM overlays of P(defect) (``cam.overlays``) of the first model, on its input size.
+
+        Args:
+            images: list of image file paths and/or uint8 arrays, as ``predict`` takes.
+        Returns:
+            list of uint8 RGB arrays [S, S, 3].
+        Raises:
+            DataError: the first model is an ONNX file (no gradients), or an unreadable image.
+        """
+        from cam import overlays
+        m = self.members[0]
+        if isinstance(m.model, OnnxClassifier):
+            raise DataError(f'{m.path}: Grad-CAM needs a PyTorch checkpoint, not an ONNX file')
+        model = getattr(m.model, '_orig_mod', m.model)  # the eager module under torch.compile
+        transform, out = build_transform(False, m.run_args), []
+        for start in range(0, len(images), 16):
+            arrays = [self._read(x) for x in images[start:start + 16]]
+            batch = torch.stack([to_tensor(a, m.run_args.in_chans, transform) for a in arrays])
+            out += overlays(model, m.dev.inputs(batch), arrays, m.run_args.nb_classes, m.dev.device)
+        return out
+
     @staticmethod
     def _read(image):
         """A path -> uint8 array (``imaging.read_image``, keeping grayscale); an array is checked and passed on."""
@@ -227,17 +249,3 @@ def predict_checkpoint(path, data, args, explicit, device, frame=None):
     """
     predictor = Predictor([path], args, explicit, device)
     return (*predictor.predict_frame(data, frame), predictor.run_args)
-
-
-def predict_ensemble(paths, data, args, explicit, device):
-    """Mean class probabilities of several checkpoints (one: its own) on the same images.
-
-    Returns:
-        (mean probs float32 [N', C], indices int64 [N'], sample list, effective flags of the last checkpoint; their
-        ``threshold`` is the checkpoint's for one checkpoint and None for an ensemble).
-    """
-    predictor = Predictor(paths, args, explicit, device)
-    run_args = argparse.Namespace(**vars(predictor.run_args))
-    if len(paths) > 1:
-        run_args.threshold = None  # each member's threshold belongs to its own probabilities
-    return (*predictor.predict_frame(data), run_args)

@@ -4,23 +4,32 @@
     curl -F files=@cell1.png -F files=@cell2.png http://127.0.0.1:8000/predict
 
 ``GET /`` is the inspection page (static/index.html, served from here: no CDN): drop images, a card each with
-P(defect) and label, a threshold slider that relabels the cards live. ``GET /health`` says the service is up and what it serves. ``POST /predict`` takes one or more images in the
+P(defect), label and the Grad-CAM heatmap, a threshold slider that relabels the cards live. ``GET /health`` says the service is up and what it serves. ``POST /predict`` takes one or more images in the
 multipart field ``files`` and returns a JSON list, one object per image: ``filename``, ``p_defect``, ``label``
-('pos' when P(defect) >= threshold), ``probs`` (per head class) and ``threshold``. The numbers are those of
+('pos' when P(defect) >= threshold), ``probs`` (per head class) and ``threshold``, and with ``?cam=true`` ``cam_png``, the Grad-CAM overlay of P(defect)
+(base64 PNG). The numbers are those of
 ``predict.Predictor``, the object prediction mode runs on. A bad upload (not an image, an empty or too large file,
 too many files) gets a 4xx JSON error ``{"detail": ...}`` naming the file, and the service keeps running; the limits
 are flags. Requests are handled one model call at a time (a lock), so concurrent requests queue instead of
 competing for the cores.
 """
 import argparse
+import base64
 import threading
 from pathlib import Path
+
+import cv2
 
 from imaging import ImageReadError, decode_image
 from predict import Predictor
 from utils import DataError, run_cli
 
 STATIC = Path(__file__).resolve().parent / 'static'
+
+
+def encode_png(rgb):
+    """uint8 RGB array [H, W, 3] -> PNG file bytes."""
+    return cv2.imencode('.png', cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
 
 
 def create_app(predictor, max_files=16, max_bytes=20_000_000):
@@ -50,8 +59,9 @@ def create_app(predictor, max_files=16, max_bytes=20_000_000):
                 'threshold': predictor.threshold, 'max_files': max_files, 'max_bytes': max_bytes}
 
     @app.post('/predict')
-    def predict(files: list[UploadFile] = File(...)):
-        """P(defect), label, class probabilities and threshold of each uploaded image."""
+    def predict(files: list[UploadFile] = File(...), cam: bool = False):
+        """P(defect), label, class probabilities and threshold of each uploaded image; with ``?cam=true`` also its
+        Grad-CAM overlay of P(defect) as a base64 PNG (``cam_png``)."""
         if len(files) > max_files:
             raise HTTPException(413, f'{len(files)} files in one request; at most {max_files} (--max_files)')
         images = []
@@ -65,10 +75,15 @@ def create_app(predictor, max_files=16, max_bytes=20_000_000):
                 raise HTTPException(415, f'not an image: {e}') from None
         with lock:
             table = predictor.predict(images, names=[f.filename for f in files])
+            overlays = predictor.cams(images) if cam else [None] * len(images)
         prob_columns = [f'p_{c}' for c in predictor.classes]
-        return [{'filename': row['name'], 'p_defect': float(row['p_defect']), 'label': row['label'],
-                 'probs': {c[2:]: float(row[c]) for c in prob_columns}, 'threshold': float(row['threshold'])}
-                for _, row in table.iterrows()]
+        answer = [{'filename': row['name'], 'p_defect': float(row['p_defect']), 'label': row['label'],
+                   'probs': {c[2:]: float(row[c]) for c in prob_columns}, 'threshold': float(row['threshold'])}
+                  for _, row in table.iterrows()]
+        for item, overlay in zip(answer, overlays):
+            if overlay is not None:
+                item['cam_png'] = base64.b64encode(encode_png(overlay)).decode('ascii')
+        return answer
 
     return app
 

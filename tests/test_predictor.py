@@ -42,3 +42,29 @@ def test_predictor_bad_inputs_are_one_line(trained, tmp_path):
     with pytest.raises(DataError, match='uint8'):
         predictor.predict([np.zeros((8, 8), np.float32)])
     assert len(predictor.predict([])) == 0
+
+
+def test_prediction_mode_writes_grad_cam_overlays(trained, elpv_small, tmp_path):
+    import cv2
+    pred = tmp_path / 'pred'
+    main.main(['--pred', 'True', '--resume', str(trained / 'checkpoint-best.pth'), '--eval_data_path',
+               str(elpv_small), '--num_workers', '0', '--pred_save_path', str(pred), '--pred_save', 'True',
+               '--pred_cam', 'True'])
+    table = pd.read_csv(pred / 'predictions.csv')
+    overlays = sorted(p.relative_to(pred / 'cam') for p in (pred / 'cam').rglob('*.png'))
+    copies = sorted(p.relative_to(pred / 'images') for p in (pred / 'images').rglob('*.png'))
+    assert len(overlays) == len(table) == 10 and overlays == copies  # sorted as the copies are
+    img = cv2.imread(str(pred / 'cam' / overlays[0]))
+    assert img.shape[:2] == (64, 64) and img.std() > 1
+
+
+def test_grad_cam_follows_the_defect_target(trained):
+    """The heatmap is of P(defect): the target is the softmax mass of the defect classes."""
+    import torch
+
+    from cam import DefectTarget
+    logits = torch.tensor([0.0, 2.0])
+    assert DefectTarget(2)(logits).item() == pytest.approx(torch.softmax(logits, 0)[1].item())
+    four = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    p = torch.softmax(four, 0)
+    assert DefectTarget(4)(four).item() == pytest.approx((p[1] + p[3]).item())

@@ -63,6 +63,21 @@ def test_bad_uploads_are_4xx_and_the_service_goes_on(client, elpv_small, files, 
     assert http.post('/predict', files=[('files', (good.name, good.read_bytes(), 'image/png'))]).status_code == 200
 
 
+def test_heatmaps_on_request(client, elpv_small):
+    import base64
+
+    import cv2
+    import numpy as np
+    http, _ = client
+    cell = cells(elpv_small, 1)[0]
+    plain = http.post('/predict', files=[('files', (cell.name, cell.read_bytes(), 'image/png'))]).json()[0]
+    assert 'cam_png' not in plain
+    body = http.post('/predict?cam=true', files=[('files', (cell.name, cell.read_bytes(), 'image/png'))]).json()[0]
+    overlay = cv2.imdecode(np.frombuffer(base64.b64decode(body['cam_png']), np.uint8), cv2.IMREAD_COLOR)
+    assert overlay.shape == (64, 64, 3) and overlay.std() > 1  # the model's input size, not a blank image
+    assert body['p_defect'] == pytest.approx(plain['p_defect'], abs=1e-6)
+
+
 def test_too_many_files(client, elpv_small):
     http, _ = client
     files = [('files', (p.name, p.read_bytes(), 'image/png')) for p in cells(elpv_small, 4)]
@@ -125,6 +140,7 @@ def test_page_in_a_real_browser(server, elpv_small, tmp_path):
         page.set_input_files('#files', str(cell))
         page.wait_for_selector('.card .label', timeout=60_000)
         assert cell.name in page.inner_text('.card')
+        assert page.get_attribute('.card img.cam', 'src').startswith('data:image/png;base64,')  # the heatmap
         assert f'{expected["p_defect"]:.3f}' in page.inner_text('.card')
         page.fill('#threshold', '0')  # every image a defect at threshold 0
         page.dispatch_event('#threshold', 'input')
