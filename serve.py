@@ -4,7 +4,9 @@
     curl -F files=@cell1.png -F files=@cell2.png http://127.0.0.1:8000/predict
 
 ``GET /`` is the inspection page (static/index.html, served from here: no CDN): drop images, a card each with
-P(defect), label and the Grad-CAM heatmap, a threshold slider that relabels the cards live. ``GET /health`` says the service is up and what it serves. ``POST /predict`` takes one or more images in the
+P(defect), label and the Grad-CAM heatmap, a threshold slider that relabels the cards live. ``GET /report?path=FOLDER``
+opens a prediction report folder (main.py --pred): its cells sorted by P(defect), filters by true and predicted
+label and a borderline band around the threshold, confusion counts and precision/recall at the slider's threshold. ``GET /health`` says the service is up and what it serves. ``POST /predict`` takes one or more images in the
 multipart field ``files`` and returns a JSON list, one object per image: ``filename``, ``p_defect``, ``label``
 ('pos' when P(defect) >= threshold), ``probs`` (per head class) and ``threshold``, and with ``?cam=true`` ``cam_png``, the Grad-CAM overlay of P(defect)
 (base64 PNG). The numbers are those of
@@ -22,7 +24,7 @@ import cv2
 
 from imaging import ImageReadError, decode_image
 from predict import Predictor
-from utils import DataError, run_cli
+from utils import DataError, read_csv, run_cli
 
 STATIC = Path(__file__).resolve().parent / 'static'
 
@@ -51,6 +53,38 @@ def create_app(predictor, max_files=16, max_bytes=20_000_000):
     def page():
         """The inspection page: drop images, a card each with P(defect) and label, a live threshold slider."""
         return FileResponse(STATIC / 'index.html')
+
+    def report_table(path):
+        """The predictions.csv of a prediction report folder; 404 when ``path`` is not one."""
+        csv = Path(path) / 'predictions.csv'
+        if not csv.is_file():
+            raise HTTPException(404, f'{path}: not a prediction report folder (no predictions.csv)')
+        try:
+            return read_csv(csv, 'prediction report')
+        except DataError as e:
+            raise HTTPException(422, str(e)) from None
+
+    @app.get('/report')
+    def report_page():
+        """The report viewer (``/report?path=FOLDER``): cells by P(defect), filters, confusion counts."""
+        return FileResponse(STATIC / 'report.html')
+
+    @app.get('/report/data')
+    def report_data(path: str):
+        """Rows of a prediction report: row, name, label (when known), p_defect; and the service's threshold."""
+        table = report_table(path)
+        labels = table['label'] if 'label' in table.columns else [None] * len(table)
+        rows = [{'row': i, 'name': Path(p).name, 'label': lab if isinstance(lab, str) else None,
+                 'p_defect': float(q)} for i, (p, lab, q) in enumerate(zip(table['path'], labels, table['p_defect']))]
+        return {'path': str(path), 'threshold': predictor.threshold, 'rows': rows}
+
+    @app.get('/report/image')
+    def report_image(path: str, row: int):
+        """The image of one row of a prediction report (only files the report lists are served)."""
+        table = report_table(path)
+        if not 0 <= row < len(table) or not Path(table['path'][row]).is_file():
+            raise HTTPException(404, f'{path}: no image at row {row}')
+        return FileResponse(table['path'][row])
 
     @app.get('/health')
     def health():

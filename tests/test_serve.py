@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 
 import main
@@ -151,3 +152,34 @@ def test_page_in_a_real_browser(server, elpv_small, tmp_path):
         page.screenshot(path=str(tmp_path / 'page.png'))
         browser.close()
     assert (tmp_path / 'page.png').stat().st_size > 1000
+
+
+def test_report_viewer_in_a_real_browser(server, trained, elpv_small, tmp_path):
+    sync_api = pytest.importorskip('playwright.sync_api', reason='playwright is not installed')
+    if chromium_path() is None:
+        print('skipped: no Chromium on this machine (apt-get install chromium)')
+        pytest.skip('no Chromium on this machine (apt-get install chromium)')
+    report = tmp_path / 'report'
+    main.main(['--pred', 'True', '--resume', str(trained), '--eval_data_path', str(elpv_small), '--num_workers', '0',
+               '--pred_save_path', str(report)])
+    table = pd.read_csv(report / 'predictions.csv')
+    assert httpx.get(f'{server}/report/data', params={'path': str(tmp_path)}).status_code == 404
+    assert httpx.get(f'{server}/report/image', params={'path': str(report), 'row': 99}).status_code == 404
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path(), args=['--no-sandbox'])
+        page = browser.new_page()
+        page.goto(f'{server}/report?path={report}')
+        page.wait_for_selector('.card', timeout=60_000)
+        shown = [float(x) for x in page.locator('.card .p').all_inner_texts()]
+        assert len(shown) == len(table) and shown == sorted(shown, reverse=True)  # by P(defect)
+        page.fill('#threshold', '0.5')
+        page.dispatch_event('#threshold', 'input')
+        defect = table['label'].isin(['pos', 'amb_pos'])
+        called = table['p_defect'] >= 0.5
+        assert int(page.inner_text('#tp')) == int((defect & called).sum())
+        assert int(page.inner_text('#fn')) == int((defect & ~called).sum())
+        page.select_option('#true', 'neg')
+        assert len(page.locator('.card').all()) == int((table['label'] == 'neg').sum())
+        assert page.locator('.card img').first.evaluate('img => img.complete && img.naturalWidth') > 0
+        page.screenshot(path=str(tmp_path / 'report.png'))
+        browser.close()
