@@ -12,12 +12,15 @@ multipart field ``files`` and returns a JSON list, one object per image: ``filen
 (base64 PNG). The numbers are those of
 ``predict.Predictor``, the object prediction mode runs on. A bad upload (not an image, an empty or too large file,
 too many files) gets a 4xx JSON error ``{"detail": ...}`` naming the file, and the service keeps running; the limits
-are flags. Requests are handled one model call at a time (a lock), so concurrent requests queue instead of
-competing for the cores.
+are flags. Concurrent requests are batched: those that arrive while the model is busy are predicted together in
+one model call (``Batcher``); /health counts requests and model calls.
 """
 import argparse
 import base64
+import concurrent.futures
+import queue
 import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -27,6 +30,50 @@ from predict import Predictor
 from utils import DataError, read_csv, run_cli
 
 STATIC = Path(__file__).resolve().parent / 'static'
+
+
+class Batcher:
+    """Runs the model calls of concurrent requests together: requests that arrive while the model is busy (or within
+    ``wait`` seconds of each other) are predicted in one ``Predictor.predict`` call of up to ``max_images`` images,
+    and each request gets its own rows back. One worker thread owns the model, so calls never compete for cores.
+
+    Args:
+        predictor: predict.Predictor. max_images: int, images per model call. wait: float seconds to gather.
+    """
+
+    def __init__(self, predictor, max_images=64, wait=0.005):
+        self.predictor, self.max_images, self.wait = predictor, max_images, wait
+        self.queue = queue.Queue()
+        self.calls = self.requests = 0
+        self.lock = threading.Lock()  # Grad-CAM runs outside the batches, one at a time on the same model
+        threading.Thread(target=self._work, daemon=True, name='batcher').start()
+
+    def predict(self, images, names):
+        """The rows of ``predictor.predict(images, names)`` (a DataFrame), computed in a shared batch."""
+        done = concurrent.futures.Future()
+        self.queue.put((images, names, done))
+        return done.result()
+
+    def _work(self):
+        while True:
+            jobs = [self.queue.get()]
+            deadline = time.monotonic() + self.wait
+            while sum(len(j[0]) for j in jobs) < self.max_images:
+                try:
+                    jobs.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            try:
+                with self.lock:
+                    table = self.predictor.predict([x for j in jobs for x in j[0]], [n for j in jobs for n in j[1]])
+                self.calls, self.requests = self.calls + 1, self.requests + len(jobs)
+                start = 0
+                for images, _, done in jobs:
+                    done.set_result(table.iloc[start:start + len(images)].reset_index(drop=True))
+                    start += len(images)
+            except Exception as e:  # handed to the waiting requests, the worker goes on
+                for _, _, done in jobs:
+                    done.set_exception(e)
 
 
 def encode_png(rgb):
@@ -47,7 +94,8 @@ def create_app(predictor, max_files=16, max_bytes=20_000_000):
     from fastapi.responses import FileResponse
 
     app = FastAPI(title='ConvNeXt defect classifier')
-    lock = threading.Lock()
+    batcher = Batcher(predictor)
+    app.state.batcher = batcher
 
     @app.get('/')
     def page():
@@ -90,7 +138,8 @@ def create_app(predictor, max_files=16, max_bytes=20_000_000):
     def health():
         """Liveness and what is served: model files, classes, threshold, limits."""
         return {'status': 'ok', 'models': [m.path for m in predictor.members], 'classes': predictor.classes,
-                'threshold': predictor.threshold, 'max_files': max_files, 'max_bytes': max_bytes}
+                'threshold': predictor.threshold, 'max_files': max_files, 'max_bytes': max_bytes,
+                'requests': batcher.requests, 'model_calls': batcher.calls}
 
     @app.post('/predict')
     def predict(files: list[UploadFile] = File(...), cam: bool = False):
@@ -107,9 +156,11 @@ def create_app(predictor, max_files=16, max_bytes=20_000_000):
                 images.append(decode_image(data, f.filename, None))
             except ImageReadError as e:
                 raise HTTPException(415, f'not an image: {e}') from None
-        with lock:
-            table = predictor.predict(images, names=[f.filename for f in files])
-            overlays = predictor.cams(images) if cam else [None] * len(images)
+        table = batcher.predict(images, [f.filename for f in files])
+        overlays = [None] * len(images)
+        if cam:
+            with batcher.lock:
+                overlays = predictor.cams(images)
         prob_columns = [f'p_{c}' for c in predictor.classes]
         answer = [{'filename': row['name'], 'p_defect': float(row['p_defect']), 'label': row['label'],
                    'probs': {c[2:]: float(row[c]) for c in prob_columns}, 'threshold': float(row['threshold'])}

@@ -183,3 +183,22 @@ def test_report_viewer_in_a_real_browser(server, trained, elpv_small, tmp_path):
         assert page.locator('.card img').first.evaluate('img => img.complete && img.naturalWidth') > 0
         page.screenshot(path=str(tmp_path / 'report.png'))
         browser.close()
+
+
+def test_concurrent_requests_are_batched(client, elpv_small):
+    from concurrent.futures import ThreadPoolExecutor
+    http, predictor = client
+    batcher = http.app.state.batcher
+    files = cells(elpv_small, 3)
+    before_calls, before_requests = batcher.calls, batcher.requests
+
+    def ask(p):
+        return http.post('/predict', files=[('files', (p.name, p.read_bytes(), 'image/png'))]).json()[0]
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(ask, files * 4))
+    expected = predictor.predict([str(p) for p in files])['p_defect'].tolist() * 4
+    assert [a['filename'] for a in answers] == [p.name for p in files] * 4
+    assert [a['p_defect'] for a in answers] == pytest.approx(expected, abs=1e-6)
+    assert batcher.requests - before_requests == 12
+    assert batcher.calls - before_calls < 12  # some requests shared a model call
