@@ -5,7 +5,8 @@
 
 For one model, input size and batch size it prints training images/s in steady state (the loader's worker start-up
 and the warm-up steps lie outside the timed window), the loader's share of that time, evaluation and prediction-mode
-images/s (files in, predictions.csv and sorted copies out), peak resident memory, and the fraction of the machine's
+images/s (files in, predictions.csv and sorted copies out), the evaluation images/s of the same model exported
+to ONNX and run by onnxruntime on CPU (``onnx eval img/s``, tuned pipeline), peak resident memory, and the fraction of the machine's
 measured GEMM peak the training reaches (model FLOPs per image x images/s; 3x the forward FLOPs that torch's
 ``FlopCounterMode`` counts). Each pipeline runs in its own process:
 
@@ -163,8 +164,25 @@ def measure(opts, pipeline):
         start = time.perf_counter()
         report = cli.main(argv)[0]
         out['predict img/s'] = len(report['table']) / (time.perf_counter() - start)
+        if pipeline == 'tuned':
+            out['onnx eval img/s'] = onnx_eval_speed(ckpt, Path(tmp) / 'model.onnx', eval_set, args)
     out['peak RSS MiB'] = peak_rss_mib()
     return out
+
+
+def onnx_eval_speed(checkpoint, onnx_path, eval_set, args):
+    """Evaluation images/s of the checkpoint exported by export.py and run by onnxruntime (CPU, fp32), over the same
+    evaluation set and batch as PyTorch's ``eval img/s`` (one warm-up pass first)."""
+    import export
+    from engine import DeviceSettings
+    from predict import OnnxClassifier
+    export.export_onnx(checkpoint, onnx_path)
+    model, dev = OnnxClassifier(onnx_path), DeviceSettings(torch.device('cpu'))
+    loader = runtime.make_loader(eval_set, args, dev.device, False)
+    predict_probs(model, loader, dev)  # warm-up
+    start = time.perf_counter()
+    probs, _ = predict_probs(model, loader, dev)
+    return len(probs) / (time.perf_counter() - start)
 
 
 def measure_timm(opts):
@@ -251,7 +269,8 @@ def main(argv=None):
         results['plain'] = measure_in_child(argv, 'plain')
     if opts.peer == 'timm':
         results['timm'] = measure_in_child(argv, 'timm')
-    keys = ['train img/s', 'loader share', 'GEMM peak share', 'eval img/s', 'predict img/s', 'peak RSS MiB']
+    keys = ['train img/s', 'loader share', 'GEMM peak share', 'eval img/s', 'onnx eval img/s', 'predict img/s',
+            'peak RSS MiB']
     device = runtime.resolve_device(opts.device)
     print(f'\n{opts.model} {opts.input_size} px, batch {opts.batch_size}, {opts.steps} timed steps after '
           f'{opts.warmup}, {device}, {torch.get_num_threads()} threads, torch {torch.__version__}')
