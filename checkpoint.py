@@ -152,6 +152,16 @@ def trim_log(path, start_epoch):
     atomic_write_text(''.join(f'{line}\n' for line in kept), path)
 
 
+def effective_args(args, saved, explicit):
+    """A copy of ``args`` (argparse.Namespace) with the architecture and preprocessing flags (``CHECKPOINT_FLAGS``) a
+    model was saved with (dict ``saved``), except those the user gave (set ``explicit``)."""
+    run_args = argparse.Namespace(**vars(args))
+    for k in CHECKPOINT_FLAGS:
+        if k in saved and k not in explicit:
+            setattr(run_args, k, saved[k])
+    return run_args
+
+
 def load_for_inference(path, args, explicit):
     """Build the model a checkpoint was trained as and load its weights.
 
@@ -170,11 +180,7 @@ def load_for_inference(path, args, explicit):
         DataError: unreadable checkpoint or weights of another architecture.
     """
     ckpt = read_checkpoint(path)
-    saved = ckpt.get('args', {}) if isinstance(ckpt, dict) else {}
-    run_args = argparse.Namespace(**vars(args))
-    for k in CHECKPOINT_FLAGS:
-        if k in saved and k not in explicit:
-            setattr(run_args, k, saved[k])
+    run_args = effective_args(args, ckpt.get('args', {}) if isinstance(ckpt, dict) else {}, explicit)
     model = build_model(run_args)
     key = 'model_ema' if 'model_ema' in args.model_key.split('|')[0] and ckpt.get('model_ema') else 'model'
     if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):

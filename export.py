@@ -23,7 +23,6 @@ from predict import METADATA_KEY, predict_checkpoint
 from utils import DataError, atomic_write_bytes, run_cli
 
 
-
 class ProbabilityHead(torch.nn.Module):
     """A classifier followed by its temperature and softmax: [B, C, H, W] images -> [B, K] probabilities."""
 

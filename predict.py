@@ -17,10 +17,10 @@ import pandas as pd
 import torch
 
 from calibration import apply_temperature
-from checkpoint import CHECKPOINT_FLAGS, load_for_inference
+from checkpoint import effective_args, load_for_inference
 from datasets import build_transform, load_eval_frame, to_tensor
 from distributed import main_first
-from engine import DeviceSettings, dihedral_views, predict_probs
+from engine import DeviceSettings, predict_probs
 from flags import get_args_parser
 from imaging import ImageReadError, read_image
 from labels import defect_probability, head_classes
@@ -69,10 +69,7 @@ def load_onnx(path, args, explicit):
     if METADATA_KEY not in props:
         raise DataError(f'{path}: not an export of export.py (no {METADATA_KEY} metadata)')
     saved = json.loads(props[METADATA_KEY])
-    run_args = argparse.Namespace(**vars(args))
-    for k in CHECKPOINT_FLAGS:
-        if k in saved and k not in explicit:
-            setattr(run_args, k, saved[k])
+    run_args = effective_args(args, saved, explicit)
     run_args.temperature, run_args.threshold = 1.0, saved.get('threshold')
     run_args.use_amp, run_args.channels_last, run_args.compile, run_args.device = False, False, False, 'cpu'
     return model.eval(), run_args
@@ -179,21 +176,15 @@ class Predictor:
         """
         names = list(names) if names is not None else \
             [str(x) if isinstance(x, (str, Path)) else f'image_{i}' for i, x in enumerate(images)]
+        arrays = [self._read(x) for x in images]
         total = 0
         for m in self.members:
             args, transform = m.run_args, build_transform(False, m.run_args)
-            probs = []
-            for start in range(0, len(images), batch_size):
-                batch = torch.stack([to_tensor(self._read(x), args.in_chans, transform)
-                                     for x in images[start:start + batch_size]])
-                views = dihedral_views(batch) if self.args.tta else [batch]
-                p = 0
-                with torch.no_grad():
-                    for view in views:
-                        with m.dev.autocast():
-                            p = p + m.model(m.dev.inputs(view.contiguous())).float().softmax(-1).cpu()
-                probs.append((p / len(views)).numpy())
-            probs = np.concatenate(probs) if probs else np.zeros((0, len(self.classes)), np.float32)
+            batches = ((torch.stack([to_tensor(a, args.in_chans, transform) for a in arrays[s:s + batch_size]]),
+                        None, torch.arange(s, min(s + batch_size, len(arrays))))
+                       for s in range(0, len(arrays), batch_size))  # what a DataLoader yields, for predict_probs
+            probs, _ = predict_probs(m.model, batches, m.dev, 'predict', tta=self.args.tta)
+            probs = probs if len(arrays) else np.zeros((0, len(self.classes)), np.float32)
             total = total + apply_temperature(probs, args.temperature)
         probs = total / len(self.members)
         table = pd.DataFrame({'name': names})
