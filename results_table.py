@@ -44,11 +44,15 @@ def wall_time(run_dir):
         row = table[(table['name'] == run_dir.name) & (table['exit_code'] == 0)]
         if len(row):
             return float(row['seconds'].iloc[-1])
-    log = run_dir / 'log.txt'
-    if log.is_file():
-        times = [json.loads(line).get('time_s', 0.0) for line in log.read_text().splitlines() if line.strip()]
-        return float(sum(times))
-    return math.nan
+    return log_seconds(run_dir)
+
+
+def log_seconds(run_dir):
+    """The sum of the epoch times (``time_s``) in a run's log.txt, NaN without one."""
+    log = Path(run_dir) / 'log.txt'
+    if not log.is_file():
+        return math.nan
+    return float(sum(json.loads(line).get('time_s', 0.0) for line in log.read_text().splitlines() if line.strip()))
 
 
 def pretrain_time(finetune):

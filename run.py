@@ -15,7 +15,6 @@ code and the tail of its log, and the sweep goes on. At the end the runs are exp
 import argparse
 import hashlib
 import itertools
-import json
 import logging
 import os
 import re
@@ -354,10 +353,8 @@ def record_unrecorded(status_path, name, out):
     its seconds are the sum of the epoch times in its log.txt."""
     if Path(status_path).is_file() and name in set(read_csv(status_path, 'sweep status file')['name']):
         return
-    log = out / 'log.txt'
-    seconds = sum(json.loads(line).get('time_s', 0.0) for line in log.read_text().splitlines() if line.strip()) \
-        if log.is_file() else float('nan')
-    record(status_path, {'name': name, 'state': 'finished', 'exit_code': 0, 'seconds': round(seconds, 1),
+    from results_table import log_seconds
+    record(status_path, {'name': name, 'state': 'finished', 'exit_code': 0, 'seconds': round(log_seconds(out), 1),
                          'log_tail': ''})
 
 

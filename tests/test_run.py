@@ -177,3 +177,17 @@ def test_preempted_task_stops_the_training_and_requeues_itself(tmp_path):
     assert delayed.args == (command, str(tmp_path / 'train.log'))
     import pickle
     pickle.dumps(delayed)  # submitit pickles the requeued submission
+
+
+def test_a_finished_run_missing_from_status_is_recorded(tmp_path):
+    """A sweep killed between a run's end and its status.csv row records the run when it next skips it."""
+    out = tmp_path / 'runs' / 'seed-0'
+    out.mkdir(parents=True)
+    (out / 'log.txt').write_text('{"epoch": 0, "time_s": 2.5}\n{"epoch": 1, "time_s": 3.0}\n')
+    status = tmp_path / 'status.csv'
+    sweeps.record_unrecorded(status, 'seed-0', out)
+    row = pd.read_csv(status).iloc[0]
+    assert row['name'] == 'seed-0' and row['state'] == 'finished' and row['exit_code'] == 0
+    assert row['seconds'] == pytest.approx(5.5)
+    sweeps.record_unrecorded(status, 'seed-0', out)  # already there: not added twice
+    assert len(pd.read_csv(status)) == 1
