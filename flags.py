@@ -23,6 +23,9 @@ def add_model_flags(p):
     g.add_argument('--drop_path', type=float, default=0.1, help='stochastic depth rate')
     g.add_argument('--layer_scale_init_value', type=float, default=None, help='layer scale init (V1; timm default)')
     g.add_argument('--head_init_scale', type=float, default=1.0)
+    g.add_argument('--norm_layer', default='layernorm', choices=['layernorm', 'batchnorm'],
+                   help="ConvNeXt V1/V2 norm: layernorm (the papers') or batchnorm (timm's norm_layer=batchnorm2d "
+                        'with conv_mlp: BatchNorm2d after each depthwise conv, in the stem and downsampling)')
     g.add_argument('--finetune', default='', help='local checkpoint (or URL) to start from')
     g.add_argument('--model_key', default='model|model_ema|module|state_dict')
     g.add_argument('--model_ema', type=str2bool, default=False)
@@ -154,7 +157,9 @@ def add_run_flags(p):
     g.add_argument('--amp_dtype', default='bfloat16', choices=['bfloat16', 'float16'])
     g.add_argument('--channels_last', type=str2bool_or_auto, default='auto',
                    help='NHWC memory format; auto: measured per machine with --use_amp')
-    g.add_argument('--compile', type=str2bool, default=False, help='torch.compile the model (eager on failure)')
+    g.add_argument('--compile', type=str2bool_or_auto, default='auto',
+                   help='torch.compile the model (eager on failure); auto: when compile time + the run\'s steps '
+                        'compiled beat the steps eager, timed once per machine (precision.choose_compile)')
     g.add_argument('--early_stop', type=str2bool, default=False)
     g.add_argument('--early_stop_epoch', type=int, default=10, help='epochs without improvement before stopping')
     g.add_argument('--eval', type=str2bool, default=False, help='evaluate --resume on --eval_data_path')
@@ -231,6 +236,10 @@ def check_args(args):
     parse_label_list(args.label_list)
     if args.enable_wandb and importlib.util.find_spec('wandb') is None:
         raise DataError('--enable_wandb True needs the wandb package: pip install wandb')
+    if args.norm_layer == 'batchnorm' and (args.pretrain or not args.model.startswith('convnext')
+                                           or 'isotropic' in args.model):
+        raise DataError('--norm_layer batchnorm: only for training timm ConvNeXt V1/V2 classifiers '
+                        '(not FCMAE pretraining, isotropic or roadmap models)')
     if args.model == 'resnet':
         try:
             resnet_roadmap.options_from_args(args)

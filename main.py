@@ -29,6 +29,7 @@ from engine import (build_loss, build_optimizer, evaluate, format_metrics, frame
 from flags import check_args, get_args_parser
 from metrics import is_better
 from models import build_model, load_pretrained, read_checkpoint
+from precision import choose_compile
 from predict import Predictor, predict_checkpoint
 from runlog import RunLog
 from runtime import (device_settings, load_training_data, make_dataset, make_loader, prepare_model, resolve_device,
@@ -160,9 +161,10 @@ def train(args):
     model = build_model(args)
     if args.finetune:
         load_pretrained(model, args.finetune, args.model_key)
+    updates_per_epoch = max(1, len(data.train_loader) // args.update_freq)
+    args.compile = choose_compile(args, dev, lambda: build_model(args), args.epochs * len(data.train_loader))
     run_model = prepare_model(model, args, dev)
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
-    updates_per_epoch = max(1, len(data.train_loader) // args.update_freq)
     optimizer, lr_scheduler = build_optimizer(model, args, updates_per_epoch)
     scaler = dev.grad_scaler()
     criterion, mixup_fn = build_loss(args, data.train_set.frame, dev.device)

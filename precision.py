@@ -7,6 +7,12 @@ each candidate the flags leave open, and the fastest wins. The answer is remembe
 model, input size, batch and channels in a JSON file (``$CONVNEXT_PRECISION_CACHE``, default
 ``~/.cache/convnext_softlabel/precision.json``), so later runs skip the probe. On CUDA no probe is needed: autocast
 in bf16 where the GPU supports it, else fp16 with a gradient scaler, and channels_last.
+
+``--compile auto`` is decided the same way, over the whole run: ``torch.compile`` costs its compile time once and
+then (perhaps) saves time on every step, so the run compiles when compile seconds + steps x compiled step seconds
+are below steps x eager step seconds, both measured on the machine in the run's precision and remembered beside
+the precision choice. A run too short for any compilation to pay off (eager total under ``MIN_COMPILE_SECONDS``)
+stays eager without a probe.
 """
 import json
 import logging
@@ -23,6 +29,7 @@ from utils import DataError, atomic_write_json
 
 log = logging.getLogger('precision')
 PROBE_STEPS = 3  # timed steps per candidate, after one untimed warm-up step
+MIN_COMPILE_SECONDS = 30.0  # no torch.compile of a ConvNeXt finished faster than this here: shorter runs stay eager
 
 
 def cache_path():
@@ -67,7 +74,8 @@ def read_cache(path):
 
 
 def time_step(model, settings, batch, steps=PROBE_STEPS):
-    """Median seconds of one forward+backward step of ``model`` on random inputs with ``settings``.
+    """Median seconds of one forward+backward step of ``model`` on random inputs with ``settings`` (0.0 when
+    ``steps`` is 0: the untimed warm-up step only).
 
     Args:
         model: nn.Module in training mode. settings: ``engine.DeviceSettings``. batch: float32 tensor [B, C, H, W].
@@ -88,7 +96,7 @@ def time_step(model, settings, batch, steps=PROBE_STEPS):
             torch.cuda.synchronize(settings.device)
         if i:  # the first step warms up allocators and kernels
             times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2] if times else 0.0
 
 
 CANDIDATES = {'fp32': (False, False), 'fp32 channels_last': (False, True), 'bf16': (True, False),
@@ -149,3 +157,101 @@ def choose(args, device, build):
     use_amp, channels_last = CANDIDATES[min(allowed, key=step_s.get)]
     log.info(f'--use_amp {use_amp} --channels_last {channels_last} on {machine_name(device)}')
     return use_amp, channels_last, amp_dtype
+
+
+def settings_label(settings):
+    """The name of a precision and memory format, e.g. ``bf16 channels_last`` (``engine.DeviceSettings``)."""
+    fp16 = settings.device.type == 'cuda' and settings.amp_dtype == 'float16'  # autocast is bf16 on the CPU
+    precision = ('fp16' if fp16 else 'bf16') if settings.use_amp else 'fp32'
+    return precision + (' channels_last' if settings.channels_last else '')
+
+
+def probe_compile(build, settings, batch):
+    """Time ``torch.compile`` of a fresh model: the compile seconds and the step seconds eager and compiled.
+
+    Args:
+        build: callable returning a fresh nn.Module. settings: ``engine.DeviceSettings``. batch: float32 tensor
+            [B, C, H, W] on the CPU.
+
+    Returns:
+        dict ``eager``, ``compiled`` (median seconds per forward+backward step), ``compile`` (seconds the first
+        compiled step took beyond a compiled step); or ``{'error': message}`` when compiling fails.
+    """
+    eager = build().train()
+    eager_s = time_step(eager, settings, batch)
+    compiled = torch.compile(build().train())
+    try:
+        t0 = time.perf_counter()
+        time_step(compiled, settings, batch, steps=0)  # the untimed warm-up step compiles forward and backward
+        first_s = time.perf_counter() - t0
+        compiled_s = time_step(compiled, settings, batch)
+    except Exception as e:  # compiler back ends raise many kinds of errors
+        return {'error': f'{e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ""}'}
+    return {'eager': round(eager_s, 4), 'compiled': round(compiled_s, 4),
+            'compile': round(max(first_s - compiled_s, 0.0), 2)}
+
+
+def valid_compile_entry(entry):
+    """Whether a remembered compile timing is usable: ``{'error': str}`` or non-negative numbers for ``eager``,
+    ``compiled`` and ``compile``."""
+    if not isinstance(entry, dict):
+        return False
+    if 'error' in entry:
+        return isinstance(entry['error'], str)
+    return all(isinstance(entry.get(k), (int, float)) and entry[k] >= 0 for k in ('eager', 'compiled', 'compile'))
+
+
+def choose_compile(args, settings, build, steps):
+    """Resolve ``--compile auto`` for a run of ``steps`` optimizer steps; explicit True/False win.
+
+    The eager step time comes from the precision probe's record (or 3 timed steps); when ``steps`` x that is under
+    ``MIN_COMPILE_SECONDS`` the run stays eager. Otherwise ``probe_compile`` is read from the cache file or run
+    (on rank 0, inside ``torch.random.fork_rng``), and the run compiles when
+    ``compile + steps x compiled < steps x eager``.
+
+    Args:
+        args: argparse.Namespace with compile (bool or 'auto'), model, input_size, batch_size, in_chans.
+        settings: ``engine.DeviceSettings`` the run uses. build: callable returning a fresh model.
+        steps: int, forward+backward steps of the whole run (epochs x steps per epoch).
+
+    Returns:
+        bool: whether to compile.
+
+    Raises:
+        DataError: a value other than True, False or 'auto'.
+    """
+    if args.compile not in (True, False, 'auto'):
+        raise DataError(f'--compile must be True, False or auto, got {args.compile}')
+    if args.compile != 'auto':
+        return args.compile
+    device, label, path = settings.device, settings_label(settings), cache_path()
+    key, decision = f'{probe_key(device, args)} | {label} | compile', None
+    if is_main_process():
+        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+            batch = torch.randn(args.batch_size, args.in_chans, args.input_size, args.input_size)
+            remembered = read_cache(path).get(probe_key(device, args))
+            eager_s = remembered.get(label) if isinstance(remembered, dict) else None
+            if not (isinstance(eager_s, (int, float)) and eager_s > 0):
+                eager_s = time_step(build().train(), settings, batch)
+            if steps * eager_s < MIN_COMPILE_SECONDS:
+                log.info(f'--compile False: {steps} steps x {eager_s:.3f} s eager is too short to gain from compiling')
+                decision = False
+            else:
+                entry = read_cache(path).get(key)
+                if not valid_compile_entry(entry):
+                    log.info(f'timing torch.compile of {args.model} ({label}) once for this machine')
+                    entry = probe_compile(build, settings, batch)
+                    try:
+                        atomic_write_json({**read_cache(path), key: entry}, path)
+                    except OSError as e:
+                        log.warning(f'{path}: cannot remember the compile choice ({e.strerror})')
+                if 'error' in entry:
+                    log.info(f'--compile False: torch.compile fails here ({entry["error"]})')
+                    decision = False
+                else:
+                    eager_total, compiled_total = steps * entry['eager'], entry['compile'] + steps * entry['compiled']
+                    decision = compiled_total < eager_total
+                    log.info(f'--compile {decision}: {steps} steps eager {eager_total / 60:.1f} min, compiled '
+                             f'{compiled_total / 60:.1f} min ({entry["compile"]:.0f} s to compile, '
+                             f'{entry["eager"]:.3f} -> {entry["compiled"]:.3f} s per step)')
+    return broadcast_object(decision)

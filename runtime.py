@@ -177,15 +177,18 @@ def prepare_model(model, args, dev):
         model: nn.Module. args: flags (compile, in_chans, input_size). dev: ``engine.DeviceSettings``.
 
     Returns:
-        the module to call: ``model`` itself, DDP under torchrun (trainable models in training mode), and/or
+        the module to call: ``model`` itself, DDP under torchrun (trainable models in training mode; on CUDA its
+        BatchNorm layers become SyncBatchNorm), and/or
         torch.compile'd (``--compile True``; eager with a warning when compiling fails).
     """
     model.to(dev.device, memory_format=dev.memory_format)
     run_model = model
     if is_distributed() and any(p.requires_grad for p in model.parameters()) and model.training:
         device_ids = [dev.device.index] if dev.device.type == 'cuda' else None
+        if dev.device.type == 'cuda':  # --norm_layer batchnorm: statistics over all GPUs' batches (CUDA only)
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place below the top module
         run_model = DistributedDataParallel(model, device_ids=device_ids)
-    if args.compile:
+    if args.compile is True:  # 'auto' is resolved before (precision.choose_compile)
         try:
             compiled = torch.compile(run_model)
             with torch.no_grad():  # compile now, so that a failure falls back here and not mid-epoch

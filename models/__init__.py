@@ -33,14 +33,16 @@ def build_model(args):
     """Create the classifier named ``args.model`` with ``timm.create_model`` (no download; weights are random).
 
     Uses ``args.nb_classes``, ``drop_path``, ``in_chans``, ``head_init_scale`` and, when set, ``layer_scale_init_value``
-    (V1, isotropic and roadmap models; ConvNeXt V2 has no layer scale); ``--model resnet`` (the ResNet-50 to
+    (V1, isotropic and roadmap models; ConvNeXt V2 has no layer scale), ``norm_layer`` (``batchnorm``: timm's
+    ConvNeXt with ``norm_layer='batchnorm2d', conv_mlp=True``, V1/V2 only); ``--model resnet`` (the ResNet-50 to
     ConvNeXt-T roadmap, models/resnet_roadmap.py) also takes the ``--resnet_*`` flags.
 
     Returns:
         torch.nn.Module mapping float [B, in_chans, H, W] to logits [B, nb_classes].
 
     Raises:
-        DataError: the name is not in timm's registry, or a --resnet_* value the roadmap network cannot take.
+        DataError: the name is not in timm's registry, a --resnet_* value the roadmap network cannot take, or
+            --norm_layer batchnorm with a model other than timm's ConvNeXt V1/V2.
     """
     if args.model not in timm.list_models():
         near = timm.list_models(f'*{args.model.split("_")[0]}*')[:8]
@@ -50,6 +52,10 @@ def build_model(args):
         kwargs['head_init_scale'] = args.head_init_scale
         if getattr(args, 'layer_scale_init_value', None) is not None and 'convnextv2' not in args.model:
             kwargs['ls_init_value'] = args.layer_scale_init_value
+    if getattr(args, 'norm_layer', 'layernorm') == 'batchnorm':
+        if not args.model.startswith('convnext') or 'isotropic' in args.model:
+            raise DataError(f'--norm_layer batchnorm: only timm ConvNeXt V1/V2 models take it, not {args.model}')
+        kwargs.update(norm_layer='batchnorm2d', conv_mlp=True)  # timm's ConvNeXt needs rank-4 norms for BatchNorm
     if args.model == 'resnet':
         try:
             kwargs.update(resnet_roadmap.options_from_args(args))

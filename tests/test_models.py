@@ -95,3 +95,12 @@ def test_checkpoint_of_another_architecture(tmp_path):
     (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
     with pytest.raises(DataError, match='junk.pth: unreadable checkpoint'):
         load_pretrained(build_model(model_args()), tmp_path / 'junk.pth')
+
+
+def test_batchnorm_convnext():
+    model = build_model(model_args(model='convnextv2_atto', norm_layer='batchnorm'))
+    kinds = {type(m).__name__ for m in model.stages.modules()}
+    assert 'BatchNorm2d' in kinds and not kinds & {'LayerNorm', 'LayerNorm2d'}
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 2)
+    with pytest.raises(DataError, match='--norm_layer batchnorm: only timm ConvNeXt V1/V2'):
+        build_model(model_args(model='convnext_isotropic_small', norm_layer='batchnorm'))

@@ -86,3 +86,59 @@ def test_real_probe_measures_and_keeps_the_rng(cache):
     times = precision.probe(flags(), torch.device('cpu'), tiny)
     assert set(times) == set(precision.CANDIDATES) and all(t > 0 for t in times.values())
     assert torch.equal(torch.get_rng_state(), before)  # a training's initialisation does not depend on the probe
+
+
+def compile_flags(**kw):
+    return flags(**{'compile': 'auto', 'use_amp': False, 'channels_last': False, **kw})
+
+
+def fake_compile(monkeypatch, entry):
+    """Make the compile probe return ``entry``; returns the list of its calls."""
+    calls = []
+    monkeypatch.setattr(precision, 'probe_compile', lambda build, settings, batch: calls.append(1) or dict(entry))
+    return calls
+
+
+def test_compile_auto_weighs_compile_time_against_the_run(cache, monkeypatch, caplog):
+    caplog.set_level('INFO')
+    calls = fake_compile(monkeypatch, {'eager': 0.30, 'compiled': 0.20, 'compile': 60.0})
+    fake_times(monkeypatch, {(False, False): 0.30, (True, False): 0.30})
+    settings = precision.DeviceSettings(torch.device('cpu'))
+    # 1000 steps: 300 s eager against 60 + 200 s compiled -> compile; measured once, then remembered
+    assert precision.choose_compile(compile_flags(), settings, tiny, 1000) is True
+    assert precision.choose_compile(compile_flags(), settings, tiny, 1000) is True and calls == [1]
+    assert 'fp32 | compile' in next(iter(json.loads(cache.read_text())))
+    # 500 steps: 150 s eager against 60 + 100 s -> eager, from the same remembered timing
+    assert precision.choose_compile(compile_flags(), settings, tiny, 500) is False and calls == [1]
+    assert '--compile False: 500 steps eager 2.5 min, compiled 2.7 min' in caplog.text
+    # another precision is another entry
+    assert precision.choose_compile(compile_flags(use_amp=True), precision.DeviceSettings(
+        torch.device('cpu'), use_amp=True), tiny, 1000) is True and calls == [1, 1]
+
+
+def test_compile_auto_skips_short_runs_and_failing_compilers(cache, monkeypatch):
+    calls = fake_compile(monkeypatch, {'error': 'InductorError: no C++ compiler'})
+    fake_times(monkeypatch, {(False, False): 0.01})
+    settings = precision.DeviceSettings(torch.device('cpu'))
+    # 100 steps x 0.01 s: far too short for any compile to pay off; nothing is probed or written
+    assert precision.choose_compile(compile_flags(), settings, tiny, 100) is False
+    assert calls == [] and not cache.exists()
+    # long enough, but the compiler fails: eager, and the failure is remembered
+    assert precision.choose_compile(compile_flags(), settings, tiny, 10 ** 5) is False
+    assert precision.choose_compile(compile_flags(), settings, tiny, 10 ** 5) is False and calls == [1]
+    # explicit values win without a probe; others are refused
+    assert precision.choose_compile(compile_flags(compile=True), settings, tiny, 1) is True
+    with pytest.raises(DataError, match='--compile must be True, False or auto'):
+        precision.choose_compile(compile_flags(compile='yes'), settings, tiny, 1)
+    # a hand-edited timing that is not numbers is measured again
+    key = next(iter(json.loads(cache.read_text())))
+    cache.write_text(json.dumps({key: {'eager': 'fast', 'compiled': 1, 'compile': 1}}))
+    precision.choose_compile(compile_flags(), settings, tiny, 10 ** 5)
+    assert calls == [1, 1]
+
+
+def test_real_compile_probe_times_a_tiny_model():
+    entry = precision.probe_compile(tiny, precision.DeviceSettings(torch.device('cpu')), torch.randn(2, 3, 32, 32))
+    assert precision.valid_compile_entry(entry)
+    if 'error' not in entry:  # a machine without a working compiler reports the error instead
+        assert entry['eager'] > 0 and entry['compiled'] > 0 and entry['compile'] > entry['compiled']

@@ -310,3 +310,15 @@ def test_truncated_last_checkpoint_falls_back_to_best(elpv_small, tmp_path, capf
     (out / 'checkpoint-best.pth').unlink()
     with pytest.raises(DataError, match='checkpoint-last.pth: unreadable checkpoint .*; remove it to start'):
         run(train_argv(elpv_small, out, '--epochs', '4', '--auto_resume', 'True'))
+
+
+def test_batchnorm_model_trains_and_evaluates_from_its_checkpoint(elpv_small, tmp_path):
+    out = tmp_path / 'bn'
+    summary = run(train_argv(elpv_small, out, '--epochs', '1', '--norm_layer', 'batchnorm'))
+    # --eval without --norm_layer rebuilds the BatchNorm model from the checkpoint's flags
+    metrics = run(['--eval', 'True', '--resume', out / 'checkpoint-best.pth', '--eval_data_path', elpv_small,
+                   '--output_dir', tmp_path / 'eval', '--num_workers', '0'])
+    assert metrics['auroc'] == pytest.approx(summary['test']['auroc'], abs=1e-6)
+    with pytest.raises(DataError, match='not FCMAE pretraining'):
+        run(train_argv(elpv_small, tmp_path / 'fcmae', '--pretrain', 'True', '--model', 'convnextv2_atto',
+                       '--norm_layer', 'batchnorm'))
