@@ -10,7 +10,8 @@ to ONNX and run by onnxruntime on CPU (``onnx eval img/s``, tuned pipeline), pea
 measured GEMM peak the training reaches (model FLOPs per image x images/s; 3x the forward FLOPs that torch's
 ``FlopCounterMode`` counts). Each pipeline runs in its own process:
 
-- tuned: this project's pipeline as main.py runs it (decode-once cache, ``--use_amp auto --channels_last auto``).
+- tuned: this project's pipeline as main.py runs it (decode-once cache, ``--use_amp auto --channels_last auto``,
+  ``--compile auto`` decided for a training of ``--epochs`` epochs of the split; compiling happens in the warm-up).
 - plain (``--compare True``): no cache, fp32, contiguous memory.
 - timm (``--peer timm``): a training loop built from timm's public pieces as timm's train.py builds it: timm's
   ImageFolder dataset and ``create_loader`` over the same training images, ``create_model``, ``create_optimizer_v2``,
@@ -34,9 +35,10 @@ from datasets import load_splits
 from engine import build_optimizer, predict_probs, train_one_epoch
 from labels import LABELS
 from models import build_model
+from precision import choose_compile
 from preprocess_data import split_name
 from softLabelLoss import SoftLabelLoss
-from utils import run_cli, str2bool
+from utils import run_cli, str2bool, str2bool_or_auto
 
 
 def peak_rss_mib():
@@ -137,6 +139,8 @@ def measure(opts, pipeline):
     eval_set = runtime.make_dataset(splits['test'], args, False, cache)
     model = build_model(args)
     flops = train_flops_per_image(model, args, torch.device('cpu'))
+    run_steps = opts.epochs * max(1, len(splits['train']) // args.batch_size)  # the training --compile auto is for
+    args.compile = choose_compile(args, dev, lambda: build_model(args), run_steps)
     run_model = runtime.prepare_model(model, args, dev)
     optimizer, lr_scheduler = build_optimizer(model, args, len(train_set) // args.batch_size)
     criterion = SoftLabelLoss(args.nb_classes).to(dev.device)
@@ -145,7 +149,7 @@ def measure(opts, pipeline):
     out = {'train img/s': loader.images_per_second(opts.steps),
            'loader share': stats['data_time'] / (loader.stop - loader.start + 1e-9)}
     out['GEMM peak share'] = flops * out['train img/s'] / gemm_peak(dev.device, dev.use_amp)
-    out['precision'] = dev_label(dev)
+    out['precision'] = dev_label(dev) + (' compiled' if args.compile else '')
 
     eval_loader = runtime.make_loader(eval_set, args, dev.device, False)
     predict_probs(model, eval_loader, dev)  # warm-up
@@ -242,7 +246,9 @@ def get_args_parser():
     p.add_argument('--warmup', type=int, default=3, help='untimed training steps first (worker start-up included)')
     p.add_argument('--num_workers', type=int, default=-1)
     p.add_argument('--device', default='auto')
-    p.add_argument('--compile', type=str2bool, default=False)
+    p.add_argument('--compile', type=str2bool_or_auto, default='auto',
+                   help='tuned pipeline: torch.compile (auto: as main.py decides it for a run of --epochs epochs)')
+    p.add_argument('--epochs', type=int, default=40, help='the training run --compile auto decides for')
     p.add_argument('--compare', type=str2bool, default=False, help='also run the plain pipeline')
     p.add_argument('--peer', default='none', choices=['none', 'timm'], help="also run timm's training loop")
     p.add_argument('--pipeline', default=None, choices=['tuned', 'plain', 'timm'], help=argparse.SUPPRESS)
@@ -274,10 +280,10 @@ def main(argv=None):
     device = runtime.resolve_device(opts.device)
     print(f'\n{opts.model} {opts.input_size} px, batch {opts.batch_size}, {opts.steps} timed steps after '
           f'{opts.warmup}, {device}, {torch.get_num_threads()} threads, torch {torch.__version__}')
-    print(f'{"":16s}' + ''.join(f'{k:>14s}' for k in results))
-    print(f'{"precision":16s}' + ''.join(f'{r["precision"]:>14s}' for r in results.values()))
+    print(f'{"":16s}' + ''.join(f'{k:>20s}' for k in results))
+    print(f'{"precision":16s}' + ''.join(f'{r["precision"]:>20s}' for r in results.values()))
     for k in keys:
-        print(f'{k:16s}' + ''.join(f'{r[k]:14.2f}' if k in r else f'{"-":>14s}' for r in results.values()))
+        print(f'{k:16s}' + ''.join(f'{r[k]:20.2f}' if k in r else f'{"-":>20s}' for r in results.values()))
     for other in ('plain', 'timm'):
         if other in results:
             name = 'training speed vs timm' if other == 'timm' else 'training speed vs plain'

@@ -1,6 +1,8 @@
 """Test metrics of finished runs, mean and spread over seeds, as a CSV file and a markdown table.
 
     python results_table.py --runs sweeps/elpv_recipe/runs sweeps/elpv_recipe_fcmae/runs --out csv/elpv_table.csv
+    python results_table.py --runs sweeps/elpv_long/runs --name "60 min" --previous csv/elpv_6epoch.csv \
+        --out csv/elpv_table.csv
 
 Every folder below ``--runs`` with ``args.json`` and ``metrics.json`` (what ``main.py`` writes after its test
 evaluation) is one run. Runs whose arguments differ only in ``--seed`` (and in their output folders) form one row;
@@ -8,6 +10,8 @@ the row gives the mean and the sample standard deviation over its runs of each t
 of a run. The wall time is the process time that ``run.py`` recorded in its sweep's ``status.csv`` (the sum of the
 epoch times in ``log.txt`` when there is none); a run fine-tuned from an FCMAE encoder (``--finetune`` pointing at
 the ``encoder.pth`` of a ``--pretrain True`` run) also counts that pretraining's wall time once per run.
+``--previous`` appends the rows of CSV files written before (an older recipe whose run folders are gone) and
+``--name`` labels the new rows, so one table compares recipes.
 """
 import argparse
 import json
@@ -149,7 +153,26 @@ def get_args_parser():
     p = argparse.ArgumentParser('Test metrics of finished runs, mean and spread over seeds', add_help=True)
     p.add_argument('--runs', nargs='+', required=True, help='folders holding run folders (e.g. SWEEP/runs)')
     p.add_argument('--out', default='csv/results.csv', help='CSV written here; the markdown beside it (.md)')
+    p.add_argument('--name', default='', help='text put before the set-up of each row of these runs')
+    p.add_argument('--previous', nargs='*', default=[],
+                   help='CSV files this script wrote before (e.g. an older recipe): their rows follow the new ones')
     return p
+
+
+def read_previous(paths):
+    """Rows of earlier tables (CSV files ``table`` wrote), for comparison beside new runs.
+
+    Raises:
+        DataError: a file that is unreadable or lacks the ``setup``, ``runs`` and ``minutes`` columns.
+    """
+    frames = []
+    for path in paths:
+        df = read_csv(path, 'result table')
+        missing = {'setup', 'runs', 'minutes'} - set(df.columns)
+        if missing:
+            raise DataError(f'{path}: not a results_table.py CSV (no {", ".join(sorted(missing))} column)')
+        frames.append(df)
+    return frames
 
 
 def publish(df, text, out):
@@ -162,7 +185,11 @@ def publish(df, text, out):
 def main(argv=None):
     """Entry point: print the markdown table and write it with the CSV; returns the DataFrame."""
     args = get_args_parser().parse_args(argv)
+    previous = read_previous(args.previous)
     df = table(collect(args.runs))
+    if args.name:
+        df['setup'] = args.name + (': ' + df['setup']).where(df['setup'] != 'all', '')
+    df = pd.concat([df, *previous], ignore_index=True)
     publish(df, markdown(df), args.out)
     return df
 

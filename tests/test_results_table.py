@@ -69,3 +69,20 @@ def test_pretraining_time_counted_and_bad_input(tmp_path):
         results_table.collect([tmp_path / 'fcmae'])
     with pytest.raises(DataError, match='no such folder'):
         results_table.collect([tmp_path / 'missing'])
+
+
+def test_new_rows_named_and_earlier_table_appended(tmp_path, capsys):
+    runs = tmp_path / 'runs'
+    for seed, acc in ((0, 0.8), (1, 0.9)):
+        fake_run(runs / f's{seed}', {'seed': seed, 'nb_classes': 2}, {'acc': acc, 'acc4': 0.5}, log_times=(60,))
+    old = tmp_path / 'old.csv'
+    results_table.main(['--runs', str(runs), '--name', 'older', '--out', str(old)])
+    fake_run(runs / 's4', {'seed': 0, 'nb_classes': 4}, {'acc': 0.7}, log_times=(120,))
+    df = results_table.main(['--runs', str(runs), '--name', 'new', '--previous', str(old),
+                             '--out', str(tmp_path / 'both.csv')])
+    assert df['setup'].tolist() == ['new: nb_classes=2', 'new: nb_classes=4', 'older']
+    assert df['acc_mean'].tolist() == pytest.approx([0.85, 0.7, 0.85])
+    assert '| older | 2 | 0.850 ± 0.071 | 0.500 ± 0.000 | 1.0 |' in (tmp_path / 'both.md').read_text()
+    (tmp_path / 'bad.csv').write_text('a,b\n1,2\n')
+    with pytest.raises(DataError, match='bad.csv: not a results_table.py CSV'):
+        results_table.main(['--runs', str(runs), '--previous', str(tmp_path / 'bad.csv')])
