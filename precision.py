@@ -25,6 +25,7 @@ import torch
 
 from distributed import broadcast_object, is_main_process
 from engine import DeviceSettings
+from models import resnet_roadmap
 from utils import DataError, atomic_write_json
 
 log = logging.getLogger('precision')
@@ -58,8 +59,13 @@ def machine_name(device):
 
 
 def probe_key(device, args):
-    """The key a choice is remembered under: machine, torch version, model, input size, batch and channels."""
+    """The key a choice is remembered under: machine, torch version, model (with its norm layer and roadmap flags),
+    input size, batch and channels."""
     model = f'fcmae {args.model}' if getattr(args, 'pretrain', False) else args.model
+    if getattr(args, 'norm_layer', 'layernorm') != 'layernorm':
+        model += f' {args.norm_layer}'
+    if args.model == 'resnet':  # the roadmap's steps are different networks
+        model += ' ' + ' '.join(f'{k}={getattr(args, k, None)}' for k in resnet_roadmap.ROADMAP_FLAGS)
     return (f'{machine_name(device)} | torch {torch.__version__} | {model} | {args.input_size}px | '
             f'batch {args.batch_size} | {args.in_chans}ch')
 

@@ -142,3 +142,11 @@ def test_real_compile_probe_times_a_tiny_model():
     assert precision.valid_compile_entry(entry)
     if 'error' not in entry:  # a machine without a working compiler reports the error instead
         assert entry['eager'] > 0 and entry['compiled'] > 0 and entry['compile'] > entry['compiled']
+
+
+def test_norm_layer_and_roadmap_steps_are_remembered_apart():
+    cpu = torch.device('cpu')
+    keys = {precision.probe_key(cpu, flags(norm_layer='layernorm')), precision.probe_key(cpu, flags(norm_layer='batchnorm')),
+            precision.probe_key(cpu, flags(model='resnet', resnet_kernel_size=3)),
+            precision.probe_key(cpu, flags(model='resnet', resnet_kernel_size=7))}
+    assert len(keys) == 4
