@@ -180,7 +180,9 @@ def test_report_viewer_in_a_real_browser(server, trained, elpv_small, tmp_path):
         assert int(page.inner_text('#fn')) == int((defect & ~called).sum())
         page.select_option('#true', 'neg')
         assert len(page.locator('.card').all()) == int((table['label'] == 'neg').sum())
-        assert page.locator('.card img').first.evaluate('img => img.complete && img.naturalWidth') > 0
+        # the first card's image arrives from /report/image (it may still be loading right after the filter)
+        page.wait_for_function("() => { const i = document.querySelector('.card img');"
+                               " return i !== null && i.complete && i.naturalWidth > 0; }", timeout=30_000)
         page.screenshot(path=str(tmp_path / 'report.png'))
         browser.close()
 
