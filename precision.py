@@ -208,7 +208,7 @@ def valid_compile_entry(entry):
 
 
 def choose_compile(args, settings, build, steps):
-    """Resolve ``--compile auto`` for a run of ``steps`` optimizer steps; explicit True/False win.
+    """Resolve ``--compile auto`` for a run of ``steps`` forward+backward steps; explicit True/False win.
 
     The eager step time comes from the precision probe's record (or 3 timed steps); when ``steps`` x that is under
     ``MIN_COMPILE_SECONDS`` the run stays eager. Otherwise ``probe_compile`` is read from the cache file or run
