@@ -7,7 +7,7 @@ import importlib.util
 
 from imaging import PADDING_MODES
 from labels import check_ratio, head_classes, parse_label_list
-from models import check_input_size, resnet_roadmap
+from models import check_input_size, check_norm_layer, resnet_roadmap
 from softLabelLoss import LOSS_FUNCTIONS
 from utils import DataError, str2bool, str2bool_or_auto
 
@@ -236,10 +236,8 @@ def check_args(args):
     parse_label_list(args.label_list)
     if args.enable_wandb and importlib.util.find_spec('wandb') is None:
         raise DataError('--enable_wandb True needs the wandb package: pip install wandb')
-    if args.norm_layer == 'batchnorm' and (args.pretrain or not args.model.startswith('convnext')
-                                           or 'isotropic' in args.model):
-        raise DataError('--norm_layer batchnorm: only for training timm ConvNeXt V1/V2 classifiers '
-                        '(not FCMAE pretraining, isotropic or roadmap models)')
+    if check_norm_layer(args.model, args.norm_layer) == 'batchnorm' and args.pretrain:
+        raise DataError('--norm_layer batchnorm: not for FCMAE pretraining (its masked encoder keeps LayerNorm)')
     if args.model == 'resnet':
         try:
             resnet_roadmap.options_from_args(args)

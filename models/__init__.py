@@ -29,6 +29,18 @@ def check_input_size(input_size):
     return input_size
 
 
+def check_norm_layer(model, norm_layer):
+    """Return ``norm_layer`` ('layernorm' or 'batchnorm') if ``model`` can take it: BatchNorm only in timm's
+    ConvNeXt V1/V2 (not the isotropic or roadmap models).
+
+    Raises:
+        DataError: one line naming --norm_layer and the model.
+    """
+    if norm_layer == 'batchnorm' and (not model.startswith('convnext') or 'isotropic' in model):
+        raise DataError(f'--norm_layer batchnorm: only timm ConvNeXt V1/V2 models take it, not {model}')
+    return norm_layer
+
+
 def build_model(args):
     """Create the classifier named ``args.model`` with ``timm.create_model`` (no download; weights are random).
 
@@ -52,9 +64,7 @@ def build_model(args):
         kwargs['head_init_scale'] = args.head_init_scale
         if getattr(args, 'layer_scale_init_value', None) is not None and 'convnextv2' not in args.model:
             kwargs['ls_init_value'] = args.layer_scale_init_value
-    if getattr(args, 'norm_layer', 'layernorm') == 'batchnorm':
-        if not args.model.startswith('convnext') or 'isotropic' in args.model:
-            raise DataError(f'--norm_layer batchnorm: only timm ConvNeXt V1/V2 models take it, not {args.model}')
+    if check_norm_layer(args.model, getattr(args, 'norm_layer', 'layernorm')) == 'batchnorm':
         kwargs.update(norm_layer='batchnorm2d', conv_mlp=True)  # timm's ConvNeXt needs rank-4 norms for BatchNorm
     if args.model == 'resnet':
         try:

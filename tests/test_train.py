@@ -319,6 +319,6 @@ def test_batchnorm_model_trains_and_evaluates_from_its_checkpoint(elpv_small, tm
     metrics = run(['--eval', 'True', '--resume', out / 'checkpoint-best.pth', '--eval_data_path', elpv_small,
                    '--output_dir', tmp_path / 'eval', '--num_workers', '0'])
     assert metrics['auroc'] == pytest.approx(summary['test']['auroc'], abs=1e-6)
-    with pytest.raises(DataError, match='not FCMAE pretraining'):
+    with pytest.raises(DataError, match='not for FCMAE pretraining'):
         run(train_argv(elpv_small, tmp_path / 'fcmae', '--pretrain', 'True', '--model', 'convnextv2_atto',
                        '--norm_layer', 'batchnorm'))
