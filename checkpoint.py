@@ -85,6 +85,14 @@ def save_checkpoint(path, kind, model, optimizer, epoch, args, *, lr_scheduler=N
     }, path)
 
 
+def save_weights(path, model, epoch, args, **extra):
+    """Write an inference checkpoint atomically: the weights of ``model`` under 'model' (kind 'classifier'), the
+    epoch and the run's args, plus ``extra`` entries at the top level. ``--eval``/``--pred``/``--finetune`` read it
+    like checkpoint-best.pth; it cannot continue a run (no optimizer state)."""
+    atomic_torch_save({'kind': 'classifier', 'model': model.state_dict(), 'epoch': epoch, 'args': dict(vars(args)),
+                       **extra}, path)
+
+
 def checkpoint_kind(ckpt):
     """Which loop wrote a training checkpoint: its ``kind``, or for older files the ``pretrain`` flag it saved."""
     return ckpt.get('kind') or ('fcmae' if ckpt.get('args', {}).get('pretrain') else 'classifier')

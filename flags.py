@@ -30,7 +30,9 @@ def add_model_flags(p):
     g.add_argument('--model_key', default='model|model_ema|module|state_dict')
     g.add_argument('--model_ema', type=str2bool, default=False)
     g.add_argument('--model_ema_decay', type=float, default=0.9999)
-    g.add_argument('--model_ema_eval', type=str2bool, default=False, help='also evaluate the EMA model each epoch')
+    g.add_argument('--model_ema_eval', type=str2bool, default=False,
+                   help='also validate the EMA weights each epoch; keep their best as checkpoint-best-ema.pth and '
+                        'test it (metrics_ema.json)')
 
 
 def add_roadmap_flags(p):
@@ -226,6 +228,10 @@ def check_args(args):
         raise DataError(f'--smoothing must lie in [0, 1), got {args.smoothing}')
     if args.batch_size < 1 or args.epochs < 0 or args.update_freq < 1:
         raise DataError('--batch_size and --update_freq must be >= 1 and --epochs >= 0')
+    if args.model_ema_eval and not args.model_ema:
+        raise DataError('--model_ema_eval True needs --model_ema True (there are no EMA weights to validate)')
+    if not 0 < args.model_ema_decay < 1:
+        raise DataError(f'--model_ema_decay must lie in (0, 1), got {args.model_ema_decay}')
     if not 0 <= args.mask_ratio < 1:
         raise DataError(f'--mask_ratio must lie in [0, 1), got {args.mask_ratio}')
     if args.target_recall is not None and not 0 < args.target_recall <= 1:

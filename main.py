@@ -13,13 +13,14 @@ import argparse
 import logging
 import sys
 import time
+from math import nan
 from pathlib import Path
 
 from timm.utils import ModelEmaV3
 
 from calibration import apply_temperature, operating_point
 from checkpoint import (add_operating_point, check_output_dir, restore_checkpoint, resume_point, save_checkpoint,
-                        trim_log)
+                        save_weights, trim_log)
 import pretrain
 from config import parse_with_config
 from distributed import barrier, cleanup, is_main_process, world_size
@@ -40,17 +41,19 @@ log = logging.getLogger('main')
 
 
 def validate(model, model_ema, data, dev, args, epoch):
-    """Validation metrics of an epoch: (metrics dict, log entries val_* and, with --model_ema_eval, val_ema_*)."""
+    """Validation metrics of an epoch: (metrics dict, EMA metrics dict (empty without --model_ema_eval), log entries
+    val_* and val_ema_*)."""
     if data.val_loader is None:
-        return {}, {}
+        return {}, {}, {}
     metrics, _, _ = evaluate(model, data.val_loader, dev, data.val_set.frame, conf=args.conf,
                              soft_label_ratio=args.soft_label_ratio, desc=f'val {epoch}')
     entries = {f'val_{k}': v for k, v in metrics.items()}
+    ema_metrics = {}
     if model_ema is not None and args.model_ema_eval:
         ema_metrics, _, _ = evaluate(model_ema.module, data.val_loader, dev, data.val_set.frame, conf=args.conf,
                                      soft_label_ratio=args.soft_label_ratio, desc='val ema')
         entries.update({f'val_ema_{k}': v for k, v in ema_metrics.items()})
-    return metrics, entries
+    return metrics, ema_metrics, entries
 
 
 def track_best(state, metric, metrics, epoch):
@@ -64,6 +67,16 @@ def track_best(state, metric, metrics, epoch):
     else:
         state['stale_epochs'] += 1
     return improved
+
+
+def track_best_ema(state, metric, ema_metrics, epoch):
+    """The same for the EMA weights (--model_ema_eval): True when their validation ``metric`` is the best so far
+    (state keys best_ema_metric, best_ema_epoch). False without EMA metrics."""
+    value = ema_metrics.get(metric, float('nan'))
+    if not ema_metrics or not is_better(metric, value, state['best_ema_metric']):
+        return False
+    state.update(best_ema_metric=value, best_ema_epoch=epoch)
+    return True
 
 
 def fit_operating_point(args, model, data, dev, best):
@@ -110,7 +123,8 @@ def test_best(args, model, data, dev, state, epochs_run):
     """Evaluate checkpoint-best.pth on the test split (--test True); write metrics.json and finished.json.
 
     With --calibrate / --target_recall the operating point is fitted on validation first (fit_operating_point) and
-    the test metrics are taken at it.
+    the test metrics are taken at it. With --model_ema_eval the best EMA weights (checkpoint-best-ema.pth) are
+    tested the same way into metrics_ema.json and the summary's ``test_ema``.
 
     Returns:
         dict: the summary written to finished.json.
@@ -118,18 +132,24 @@ def test_best(args, model, data, dev, state, epochs_run):
     out = Path(args.output_dir)
     summary = {'epochs_run': epochs_run, 'best_epoch': state['best_epoch'] + 1, 'best_metric': args.best_metric,
                'best_value': state['best_metric'], 'skipped_images': state['skipped_images']}
-    barrier()  # checkpoint-best.pth is complete on disk
-    best = out / 'checkpoint-best.pth'
-    if best.is_file() and (args.test or args.calibrate or args.target_recall is not None):
+    if state['best_ema_epoch'] >= 0:
+        summary.update(best_ema_epoch=state['best_ema_epoch'] + 1, best_ema_value=state['best_ema_metric'])
+    barrier()  # the best checkpoints are complete on disk
+    for name, file, epoch, what in (('', 'checkpoint-best.pth', state['best_epoch'], 'best checkpoint'),
+                                    ('_ema', 'checkpoint-best-ema.pth', state['best_ema_epoch'], 'best EMA weights')):
+        best = out / file
+        if epoch < 0 or not best.is_file() or not (args.test or args.calibrate or args.target_recall is not None):
+            continue
         model.load_state_dict(read_checkpoint(best)['model'])
         point = fit_operating_point(args, model, data, dev, best)
-        summary.update({k: v for k, v in point.items() if v is not None and (k != 'temperature' or args.calibrate)})
+        if not name:
+            summary.update({k: v for k, v in point.items() if v is not None and (k != 'temperature' or args.calibrate)})
         if args.test and len(data.splits['test']):
             metrics = metrics_at_operating_point(args, model, data, dev, point)
-            summary['test'] = metrics
+            summary[f'test{name}'] = metrics
             if is_main_process():
-                atomic_write_json(metrics, out / 'metrics.json')
-                print(f'test (best checkpoint, epoch {state["best_epoch"] + 1}): {format_metrics(metrics)}')
+                atomic_write_json(metrics, out / f'metrics{name}.json')
+                print(f'test ({what}, epoch {epoch + 1}): {format_metrics(metrics)}')
     if is_main_process():
         if state['skipped_images']:
             print(f'warning: {state["skipped_images"]} unreadable image(s) skipped (see the log)')
@@ -175,7 +195,8 @@ def train(args):
              f'{data.train_loader.num_workers} loader worker(s)')
 
     # restore
-    state = {'best_metric': None, 'best_epoch': -1, 'stale_epochs': 0, 'skipped_images': 0}
+    state = {'best_metric': None, 'best_epoch': -1, 'stale_epochs': 0, 'skipped_images': 0,
+             'best_ema_metric': None, 'best_ema_epoch': -1}
     start_epoch = 0
     if resume:
         start_epoch, saved = restore_checkpoint(resume, 'classifier', model, optimizer, lr_scheduler=lr_scheduler,
@@ -196,8 +217,9 @@ def train(args):
                                     mixup_fn=mixup_fn, update_freq=args.update_freq, clip_grad=args.clip_grad,
                                     writer=runlog)
             lr_scheduler.step(epoch + 1)
-            metrics, val_entries = validate(model, model_ema, data, dev, args, epoch)
+            metrics, ema_metrics, val_entries = validate(model, model_ema, data, dev, args, epoch)
             improved = track_best(state, args.best_metric, metrics, epoch)
+            ema_improved = track_best_ema(state, args.best_metric, ema_metrics, epoch)
             state['skipped_images'] = max(state['skipped_images'], stats['skipped'])
             record = {'epoch': epoch, 'train_loss': stats['loss'], 'lr': stats['lr'],
                       'train_images': stats['images'], **val_entries, 'time_s': round(time.time() - t0, 1),
@@ -210,11 +232,17 @@ def train(args):
                     save_checkpoint(out / 'checkpoint-best.pth', 'classifier', model, optimizer, epoch, args,
                                     **parts)
                     runlog.checkpoint(out / 'checkpoint-best.pth', ['best', f'epoch-{epoch + 1}'])
+                if ema_improved:
+                    save_weights(out / 'checkpoint-best-ema.pth', model_ema.module, epoch, args, state=state)
+                    runlog.checkpoint(out / 'checkpoint-best-ema.pth', ['best-ema', f'epoch-{epoch + 1}'])
                 save_checkpoint(out / 'checkpoint-last.pth', 'classifier', model, optimizer, epoch, args, **parts)
                 best = state['best_metric']
+                ema = '' if not ema_metrics else \
+                    f'EMA {args.best_metric} {ema_metrics.get(args.best_metric, nan):.4f} (best epoch ' \
+                    f'{state["best_ema_epoch"] + 1}) | '
                 print(f'epoch {epoch + 1}/{args.epochs} loss {stats["loss"]:.4f} | val {format_metrics(metrics)} | '
                       f'best {args.best_metric} {best if best is None else round(best, 4)} '
-                      f'(epoch {state["best_epoch"] + 1}) | {record["time_s"]:.0f}s', flush=True)
+                      f'(epoch {state["best_epoch"] + 1}) | {ema}{record["time_s"]:.0f}s', flush=True)
             if args.early_stop and state['stale_epochs'] >= args.early_stop_epoch:
                 if is_main_process():
                     print(f'early stop: no better val {args.best_metric} for {args.early_stop_epoch} epochs')

@@ -5,7 +5,8 @@
         --out csv/elpv_table.csv
 
 Every folder below ``--runs`` with ``args.json`` and ``metrics.json`` (what ``main.py`` writes after its test
-evaluation) is one run. Runs whose arguments differ only in ``--seed`` (and in their output folders) form one row;
+evaluation) is one run; one trained with ``--model_ema_eval True`` also gives a row of its best EMA weights
+(``metrics_ema.json``, set-up ``weights=best EMA``). Runs whose arguments differ only in ``--seed`` (and in their output folders) form one row;
 the row gives the mean and the sample standard deviation over its runs of each test metric, and the mean wall time
 of a run. The wall time is the process time that ``run.py`` recorded in its sweep's ``status.csv`` (the sum of the
 epoch times in ``log.txt`` when there is none); a run fine-tuned from an FCMAE encoder (``--finetune`` pointing at
@@ -77,7 +78,8 @@ def collect(roots):
     """One record per finished run below ``roots``: its arguments, test metrics and wall time.
 
     Returns:
-        list of dicts with ``args`` (dict), ``metrics`` (dict of float), ``seconds`` (float, pretraining included),
+        list of dicts with ``args`` (dict, plus ``weights``: 'best', or 'best EMA' for the second record of a run
+        with ``metrics_ema.json``), ``metrics`` (dict of float), ``seconds`` (float, pretraining included),
         ``dir`` (Path).
 
     Raises:
@@ -93,7 +95,11 @@ def collect(roots):
                 continue
             args = read_json(run_dir / 'args.json')
             seconds = wall_time(run_dir) + pretrain_time(args.get('finetune'))
-            records.append({'args': args, 'metrics': read_json(metrics_path), 'seconds': seconds, 'dir': run_dir})
+            tested = [('best', metrics_path)]
+            if (run_dir / 'metrics_ema.json').is_file():  # --model_ema_eval: the best EMA weights, tested too
+                tested.append(('best EMA', run_dir / 'metrics_ema.json'))
+            records += [{'args': {**args, 'weights': weights}, 'metrics': read_json(path), 'seconds': seconds,
+                         'dir': run_dir} for weights, path in tested]
     if not records:
         raise DataError(f'no finished run (args.json + metrics.json) below {", ".join(map(str, roots))}')
     return records

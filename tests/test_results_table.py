@@ -86,3 +86,14 @@ def test_new_rows_named_and_earlier_table_appended(tmp_path, capsys):
     (tmp_path / 'bad.csv').write_text('a,b\n1,2\n')
     with pytest.raises(DataError, match='bad.csv: not a results_table.py CSV'):
         results_table.main(['--runs', str(runs), '--previous', str(tmp_path / 'bad.csv')])
+
+
+def test_ema_weights_give_their_own_row(tmp_path):
+    runs = tmp_path / 'runs'
+    for seed, acc, ema_acc in ((0, 0.8, 0.84), (1, 0.9, 0.9)):
+        fake_run(runs / f's{seed}', {'seed': seed, 'model_ema_eval': True}, {'acc': acc}, log_times=(60,))
+        (runs / f's{seed}' / 'metrics_ema.json').write_text(json.dumps({'acc': ema_acc}))
+    df = results_table.table(results_table.collect([runs])).set_index('setup')
+    assert df.loc['weights=best', 'acc_mean'] == pytest.approx(0.85)
+    assert df.loc['weights=best EMA', 'acc_mean'] == pytest.approx(0.87)
+    assert df['runs'].tolist() == [2, 2] and df['minutes'].tolist() == pytest.approx([1.0, 1.0])

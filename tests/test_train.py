@@ -135,6 +135,8 @@ def test_prediction_unlabelled_folder_and_ensemble(trained, elpv_small, tmp_path
     (['--soft_label_ratio', '1.5'], 'soft_label_ratio must lie in'),
     (['--label_ratio', '-1'], 'label_ratio must lie in'),
     (['--data_path', '/nonexistent/data'], '/nonexistent/data: data path does not exist'),
+    (['--model_ema_eval', 'True'], 'model_ema_eval True needs --model_ema True'),
+    (['--model_ema', 'True', '--model_ema_decay', '1'], 'model_ema_decay must lie in'),
 ])
 def test_bad_input_one_line(flags, match, tmp_path, elpv_small):
     argv = train_argv(elpv_small, tmp_path / 'o')
@@ -322,3 +324,24 @@ def test_batchnorm_model_trains_and_evaluates_from_its_checkpoint(elpv_small, tm
     with pytest.raises(DataError, match='not for FCMAE pretraining'):
         run(train_argv(elpv_small, tmp_path / 'fcmae', '--pretrain', 'True', '--model', 'convnextv2_atto',
                        '--norm_layer', 'batchnorm'))
+
+
+def test_best_ema_weights_are_kept_and_tested(elpv_small, tmp_path):
+    out = tmp_path / 'ema'
+    summary = run(train_argv(elpv_small, out, '--epochs', '3', '--model_ema', 'True', '--model_ema_decay', '0.5',
+                             '--model_ema_eval', 'True'))
+    records = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+    ema_auroc = [r['val_ema_auroc'] for r in records]
+    best = max(range(3), key=lambda i: (ema_auroc[i], -i))  # the first epoch reaching the best value
+    assert summary['best_ema_epoch'] == best + 1 and summary['best_ema_value'] == pytest.approx(ema_auroc[best])
+    ema_ckpt = torch.load(out / 'checkpoint-best-ema.pth', weights_only=True)
+    last = torch.load(out / 'checkpoint-last.pth', weights_only=True)
+    assert ema_ckpt['epoch'] == best and last['best_ema_epoch'] == best  # resumable state
+    if best == 2:  # the EMA file holds the EMA weights, not the trained ones
+        assert all(torch.equal(ema_ckpt['model'][k], last['model_ema'][k]) for k in ema_ckpt['model'])
+        assert not all(torch.equal(ema_ckpt['model'][k], last['model'][k]) for k in ema_ckpt['model'])
+    assert json.loads((out / 'metrics_ema.json').read_text()) == summary['test_ema']
+    metrics = run(['--eval', 'True', '--resume', out / 'checkpoint-best-ema.pth', '--eval_data_path', elpv_small,
+                   '--output_dir', tmp_path / 'eval', '--num_workers', '0'])
+    assert metrics['auroc'] == pytest.approx(summary['test_ema']['auroc'], abs=1e-6)
+    assert metrics['brier'] == pytest.approx(summary['test_ema']['brier'], abs=1e-3)  # bf16 rounding
