@@ -6,13 +6,14 @@
 
 Every folder below ``--runs`` with ``args.json`` and ``metrics.json`` (what ``main.py`` writes after its test
 evaluation) is one run; one trained with ``--model_ema_eval True`` also gives a row of its best EMA weights
-(``metrics_ema.json``, set-up ``weights=best EMA``). Runs whose arguments differ only in ``--seed`` (and in their output folders) form one row;
-the row gives the mean and the sample standard deviation over its runs of each test metric, and the mean wall time
-of a run. The wall time is the process time that ``run.py`` recorded in its sweep's ``status.csv`` (the sum of the
-epoch times in ``log.txt`` when there is none); a run fine-tuned from an FCMAE encoder (``--finetune`` pointing at
-the ``encoder.pth`` of a ``--pretrain True`` run) also counts that pretraining's wall time once per run.
-``--previous`` appends the rows of CSV files written before (an older recipe whose run folders are gone) and
-``--name`` labels the new rows, so one table compares recipes.
+(``metrics_ema.json``, set-up ``weights=best EMA``). The EMA flags do not define the set-up of the row of the best
+(trained) weights, which they leave unchanged. Runs whose arguments differ only in ``--seed`` (and in their output
+folders) form one row; the row gives the mean and the sample standard deviation over its runs of each test metric,
+and the mean wall time of a run. The wall time is the process time that ``run.py`` recorded in its sweep's
+``status.csv`` (the sum of the epoch times in ``log.txt`` when there is none); a run fine-tuned from an FCMAE
+encoder (``--finetune`` pointing at the ``encoder.pth`` of a ``--pretrain True`` run) also counts that pretraining's
+wall time once per run. ``--previous`` appends the rows of CSV files written before (an older recipe whose run
+folders are gone) and ``--name`` labels the new rows, so one table compares recipes.
 """
 import argparse
 import json
@@ -26,6 +27,9 @@ from utils import DataError, atomic_write_csv, atomic_write_text, read_csv, run_
 METRICS = ('acc', 'auroc', 'f1', 'ece', 'brier', 'acc4')
 # Arguments that differ between the seeds of one set-up without changing it.
 PER_RUN = {'seed', 'output_dir', 'log_dir', 'log_name', 'resume', 'auto_resume', 'start_epoch'}
+# Arguments of the EMA weights only: the trained weights are the same with or without them (the EMA reads the
+# model and draws no random numbers), so they define the set-up of the EMA row, not of the row of the best weights.
+EMA_ONLY = {'model_ema', 'model_ema_decay', 'model_ema_eval'}
 
 
 def read_json(path):
@@ -95,11 +99,13 @@ def collect(roots):
                 continue
             args = read_json(run_dir / 'args.json')
             seconds = wall_time(run_dir) + pretrain_time(args.get('finetune'))
-            tested = [('best', metrics_path)]
+            trained = {k: v for k, v in args.items() if k not in EMA_ONLY}
+            records.append({'args': {**trained, 'weights': 'best'}, 'metrics': read_json(metrics_path),
+                            'seconds': seconds, 'dir': run_dir})
             if (run_dir / 'metrics_ema.json').is_file():  # --model_ema_eval: the best EMA weights, tested too
-                tested.append(('best EMA', run_dir / 'metrics_ema.json'))
-            records += [{'args': {**args, 'weights': weights}, 'metrics': read_json(path), 'seconds': seconds,
-                         'dir': run_dir} for weights, path in tested]
+                ema = {**trained, 'weights': 'best EMA', 'model_ema_decay': args.get('model_ema_decay')}
+                records.append({'args': ema, 'metrics': read_json(run_dir / 'metrics_ema.json'),
+                                'seconds': seconds, 'dir': run_dir})
     if not records:
         raise DataError(f'no finished run (args.json + metrics.json) below {", ".join(map(str, roots))}')
     return records
@@ -120,8 +126,9 @@ def table(records):
 
     Returns:
         pandas.DataFrame, one row per set-up in first-seen order: ``setup`` (the arguments that differ between
-        set-ups, ``flag=value``, an empty value shown as ``none``), ``runs``, ``seeds``, ``<metric>_mean`` /
-        ``<metric>_std`` for each of METRICS present (sample standard deviation, NaN with one run), ``minutes`` (mean wall time per run).
+        set-ups, ``flag=value``, an empty value shown as ``none``, a flag the set-up lacks left out), ``runs``,
+        ``seeds``, ``<metric>_mean`` / ``<metric>_std`` for each of METRICS present (sample standard deviation, NaN
+        with one run), ``minutes`` (mean wall time per run).
     """
     groups = {}
     for r in records:
@@ -130,7 +137,7 @@ def table(records):
     varying = sorted({f for k in keys for f in k if any(k.get(f) != other.get(f) for other in keys)})
     rows = []
     for key, runs in zip(keys, groups.values()):
-        row = {'setup': ' '.join(f'{f}={shown(key.get(f))}' for f in varying) or 'all',
+        row = {'setup': ' '.join(f'{f}={shown(key[f])}' for f in varying if f in key) or 'all',
                'runs': len(runs), 'seeds': ' '.join(str(r['args'].get('seed')) for r in runs)}
         for m in METRICS:
             values = pd.Series([r['metrics'][m] for r in runs if m in r['metrics']], dtype=float)

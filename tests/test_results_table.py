@@ -91,9 +91,12 @@ def test_new_rows_named_and_earlier_table_appended(tmp_path, capsys):
 def test_ema_weights_give_their_own_row(tmp_path):
     runs = tmp_path / 'runs'
     for seed, acc, ema_acc in ((0, 0.8, 0.84), (1, 0.9, 0.9)):
-        fake_run(runs / f's{seed}', {'seed': seed, 'model_ema_eval': True}, {'acc': acc}, log_times=(60,))
+        ema_flags = {'model_ema': True, 'model_ema_decay': 0.998, 'model_ema_eval': True}
+        fake_run(runs / f's{seed}', {'seed': seed, **ema_flags}, {'acc': acc}, log_times=(60,))
         (runs / f's{seed}' / 'metrics_ema.json').write_text(json.dumps({'acc': ema_acc}))
+    # a seed trained without EMA joins the row of the best weights (EMA leaves the training as it is)
+    fake_run(runs / 's2', {'seed': 2, 'model_ema': False, 'model_ema_eval': False}, {'acc': 0.7}, log_times=(60,))
     df = results_table.table(results_table.collect([runs])).set_index('setup')
-    assert df.loc['weights=best', 'acc_mean'] == pytest.approx(0.85)
-    assert df.loc['weights=best EMA', 'acc_mean'] == pytest.approx(0.87)
-    assert df['runs'].tolist() == [2, 2] and df['minutes'].tolist() == pytest.approx([1.0, 1.0])
+    assert df.loc['weights=best', 'acc_mean'] == pytest.approx(0.8) and df.loc['weights=best', 'seeds'] == '0 1 2'
+    assert df.loc['model_ema_decay=0.998 weights=best EMA', 'acc_mean'] == pytest.approx(0.87)
+    assert df['runs'].tolist() == [3, 2] and df['minutes'].tolist() == pytest.approx([1.0, 1.0])
