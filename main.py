@@ -72,7 +72,7 @@ def track_best(state, metric, metrics, epoch):
 def track_best_ema(state, metric, ema_metrics, epoch):
     """The same for the EMA weights (--model_ema_eval): True when their validation ``metric`` is the best so far
     (state keys best_ema_metric, best_ema_epoch). False without EMA metrics."""
-    value = ema_metrics.get(metric, float('nan'))
+    value = ema_metrics.get(metric, nan)
     if not ema_metrics or not is_better(metric, value, state['best_ema_metric']):
         return False
     state.update(best_ema_metric=value, best_ema_epoch=epoch)
@@ -233,7 +233,7 @@ def train(args):
                                     **parts)
                     runlog.checkpoint(out / 'checkpoint-best.pth', ['best', f'epoch-{epoch + 1}'])
                 if ema_improved:
-                    save_weights(out / 'checkpoint-best-ema.pth', model_ema.module, epoch, args, state=state)
+                    save_weights(out / 'checkpoint-best-ema.pth', model_ema.module, epoch, args)
                     runlog.checkpoint(out / 'checkpoint-best-ema.pth', ['best-ema', f'epoch-{epoch + 1}'])
                 save_checkpoint(out / 'checkpoint-last.pth', 'classifier', model, optimizer, epoch, args, **parts)
                 best = state['best_metric']
