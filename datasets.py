@@ -64,9 +64,39 @@ class RandomRot90:
         return f'RandomRot90(p={self.p})'
 
 
+class LocalContrast:
+    """Contrast Limited Adaptive Histogram Equalisation (CLAHE; Zuiderveld, Graphics Gems IV, 1994; OpenCV's
+    ``cv2.createCLAHE``) of a PIL image, per channel of an RGB one: thin dark lines (cracks in electroluminescence
+    images) stand out against the slow brightness changes across a cell.
+
+    Args:
+        clip_limit: contrast limit (OpenCV's clipLimit; > 0, 2 is usual).
+        grid: tiles per side (the image is equalised in grid x grid regions, bilinearly blended).
+
+    Raises:
+        DataError: clip_limit <= 0 or grid < 1.
+    """
+
+    def __init__(self, clip_limit=2.0, grid=8):
+        if not clip_limit > 0 or int(grid) < 1:
+            raise DataError(f'--clahe must be > 0 and --clahe_grid >= 1, got {clip_limit} and {grid}')
+        self.clip_limit, self.grid = float(clip_limit), int(grid)
+
+    def __call__(self, img):
+        clahe = cv2.createCLAHE(clipLimit=self.clip_limit, tileGridSize=(self.grid, self.grid))
+        arr = np.asarray(img)
+        out = clahe.apply(arr) if arr.ndim == 2 else np.dstack([clahe.apply(np.ascontiguousarray(arr[..., i]))
+                                                                  for i in range(arr.shape[2])])
+        return Image.fromarray(out)
+
+    def __repr__(self):
+        return f'LocalContrast(clip_limit={self.clip_limit}, grid={self.grid})'
+
+
 def build_transform(is_train, args):
     """timm transforms (``timm.data.create_transform``) for training or evaluation.
 
+    ``--clahe`` (clip limit, 0 = off): ``LocalContrast`` first, on the decoded image, in training and evaluation.
     Training: ``--rot90`` turns (``RandomRot90``) and ``--rotation`` small rotations (torchvision
     ``RandomRotation``, degrees, zero fill) on the decoded image, then RandomResizedCrop(scale=``--scale``) to
     ``--input_size``, ``--hflip``/``--vflip``, ``--color_jitter``, ``--aa`` RandAugment, ``--reprob`` random erasing.
@@ -93,6 +123,8 @@ def build_transform(is_train, args):
     else:
         tf = create_transform(args.input_size, is_training=False, interpolation='bicubic', crop_pct=args.crop_pct,
                               mean=mean, std=std)
+    if getattr(args, 'clahe', 0):  # runs saved before --clahe existed have no such attribute
+        tf = transforms.Compose([LocalContrast(args.clahe, getattr(args, 'clahe_grid', 8)), tf])
     return transforms.Compose([tf, PerImageStandardize()]) if per_image else tf
 
 
@@ -447,6 +479,6 @@ def balanced_label_weights(frame):
     return out
 
 
-__all__ = ['DefectDataset', 'ImageCache', 'PerImageStandardize', 'RandomRot90', 'balanced_label_weights',
+__all__ = ['DefectDataset', 'ImageCache', 'LocalContrast', 'PerImageStandardize', 'RandomRot90', 'balanced_label_weights',
            'build_transform', 'cache_fits', 'cache_side', 'check_files_exist', 'collate_skip', 'is_split_folder',
            'label_counts', 'load_eval_frame', 'load_splits', 'to_tensor', 'upsample']

@@ -80,6 +80,9 @@ def add_augmentation_flags(p):
     g = p.add_argument_group('augmentation')
     g.add_argument('--normalize', default='per_image', choices=['per_image', 'imagenet'],
                    help='per_image: zero mean, unit variance per image; imagenet: ImageNet mean/std')
+    g.add_argument('--clahe', type=float, default=0.0,
+                   help='CLAHE clip limit (local contrast, e.g. 2; 0 = off), applied in training and evaluation')
+    g.add_argument('--clahe_grid', type=int, default=8, help='CLAHE tiles per side')
     g.add_argument('--scale', type=float, nargs=2, default=[0.8, 1.0],
                    help="RandomResizedCrop area range (timm's ImageNet 0.08 1 shrinks thin defects out of sight)")
     g.add_argument('--hflip', type=float, default=0.5)

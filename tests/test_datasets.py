@@ -139,3 +139,25 @@ def test_random_rot90_turns_exactly():
     assert text.index('RandomRot90(p=0.5)') < text.index('RandomRotation') < text.index('RandomResizedCrop')
     assert tf(Image.fromarray(np.zeros((40, 40), np.uint8)).convert('RGB')).shape == (3, 32, 32)
     assert 'RandomRot90' not in repr(build_transform(True, get_args_parser().parse_args([])))
+
+
+def test_local_contrast_brings_out_a_faint_line_in_training_and_evaluation():
+    from PIL import Image
+    from datasets import LocalContrast
+    from utils import DataError
+    # a dim, low-contrast ramp across the cell (grey 100 to 140) with a faint dark line (3 levels) down the middle
+    arr = np.tile(np.linspace(100, 140, 64).astype(np.uint8), (64, 1))
+    arr[:, 31] -= 3
+    out = np.asarray(LocalContrast(2.0, 4)(Image.fromarray(arr))).astype(int)
+    assert out.shape == arr.shape
+    depth = lambda a: (a[:, 30] + a[:, 32]) / 2 - a[:, 31]  # noqa: E731
+    assert depth(out).mean() > 2 * depth(arr.astype(int)).mean()
+    rgb = np.asarray(LocalContrast(2.0, 4)(Image.fromarray(arr).convert('RGB')))
+    assert rgb.shape == (64, 64, 3) and all(np.array_equal(rgb[..., c], out) for c in range(3))
+    for train in (True, False):
+        args = get_args_parser().parse_args(['--clahe', '2', '--clahe_grid', '4', '--input_size', '32'])
+        assert 'LocalContrast(clip_limit=2.0, grid=4)' in repr(build_transform(train, args))
+    assert 'LocalContrast' not in repr(build_transform(False, get_args_parser().parse_args([])))
+    for bad in (['--clahe', '-1'], ['--clahe', '2', '--clahe_grid', '0']):
+        with pytest.raises(DataError, match='--clahe'):
+            build_transform(True, get_args_parser().parse_args(bad))
