@@ -26,6 +26,9 @@ def add_model_flags(p):
     g.add_argument('--norm_layer', default='layernorm', choices=['layernorm', 'batchnorm'],
                    help="ConvNeXt V1/V2 norm: layernorm (the papers') or batchnorm (timm's norm_layer=batchnorm2d "
                         'with conv_mlp: BatchNorm2d after each depthwise conv, in the stem and downsampling)')
+    g.add_argument('--global_pool', default='avg', choices=['avg', 'max', 'avgmax'],
+                   help="timm ConvNeXt V1/V2 head pooling over the last feature map: avg (the papers'), max (a "
+                        'small defect anywhere decides), avgmax (their mean)')
     g.add_argument('--finetune', default='', help='local checkpoint (or URL) to start from')
     g.add_argument('--model_key', default='model|model_ema|module|state_dict')
     g.add_argument('--model_ema', type=str2bool, default=False)

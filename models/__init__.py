@@ -45,7 +45,8 @@ def build_model(args):
     """Create the classifier named ``args.model`` with ``timm.create_model`` (no download; weights are random).
 
     Uses ``args.nb_classes``, ``drop_path``, ``in_chans``, ``head_init_scale`` and, when set, ``layer_scale_init_value``
-    (V1, isotropic and roadmap models; ConvNeXt V2 has no layer scale), ``norm_layer`` (``batchnorm``: timm's
+    (V1, isotropic and roadmap models; ConvNeXt V2 has no layer scale), ``global_pool`` (timm's head pooling:
+    avg, max or avgmax, V1/V2 only), ``norm_layer`` (``batchnorm``: timm's
     ConvNeXt with ``norm_layer='batchnorm2d', conv_mlp=True``, V1/V2 only); ``--model resnet`` (the ResNet-50 to
     ConvNeXt-T roadmap, models/resnet_roadmap.py) also takes the ``--resnet_*`` flags.
 
@@ -54,7 +55,7 @@ def build_model(args):
 
     Raises:
         DataError: the name is not in timm's registry, a --resnet_* value the roadmap network cannot take, or
-            --norm_layer batchnorm with a model other than timm's ConvNeXt V1/V2.
+            --norm_layer batchnorm or a --global_pool other than avg with a model other than timm's ConvNeXt V1/V2.
     """
     if args.model not in timm.list_models():
         near = timm.list_models(f'*{args.model.split("_")[0]}*')[:8]
@@ -64,6 +65,11 @@ def build_model(args):
         kwargs['head_init_scale'] = args.head_init_scale
         if getattr(args, 'layer_scale_init_value', None) is not None and 'convnextv2' not in args.model:
             kwargs['ls_init_value'] = args.layer_scale_init_value
+    pool = getattr(args, 'global_pool', 'avg')  # runs saved before --global_pool existed pooled by average
+    if pool != 'avg':
+        if not args.model.startswith('convnext') or 'isotropic' in args.model:
+            raise DataError(f'--global_pool {pool}: only timm ConvNeXt V1/V2 models take it, not {args.model}')
+        kwargs['global_pool'] = pool
     if check_norm_layer(args.model, getattr(args, 'norm_layer', 'layernorm')) == 'batchnorm':
         kwargs.update(norm_layer='batchnorm2d', conv_mlp=True)  # timm's ConvNeXt needs rank-4 norms for BatchNorm
     if args.model == 'resnet':

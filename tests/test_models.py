@@ -104,3 +104,18 @@ def test_batchnorm_convnext():
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 2)
     with pytest.raises(DataError, match='--norm_layer batchnorm: only timm ConvNeXt V1/V2'):
         build_model(model_args(model='convnext_isotropic_small', norm_layer='batchnorm'))
+
+
+@pytest.mark.parametrize('pool', ['max', 'avgmax'])
+def test_global_pool_of_the_head(pool):
+    torch.manual_seed(0)
+    model = build_model(model_args(model='convnext_atto', norm_layer='batchnorm', global_pool=pool)).eval()
+    feats = model.forward_features(torch.randn(2, 3, 64, 64))  # [2, 320, 2, 2]
+    pooled = model.head.global_pool(feats).flatten(1)
+    peak, mean = feats.amax(dim=(2, 3)), feats.mean(dim=(2, 3))
+    assert torch.allclose(pooled, peak if pool == 'max' else (peak + mean) / 2, atol=1e-6)
+    assert not torch.allclose(pooled, mean, atol=1e-3)
+    old = model_args()  # run arguments saved before --global_pool existed pool by average
+    assert not hasattr(old, 'global_pool') and build_model(old).head.global_pool.pool_type == 'avg'
+    with pytest.raises(DataError, match=f'--global_pool {pool}: only timm ConvNeXt V1/V2'):
+        build_model(model_args(model='convnext_isotropic_small', global_pool=pool))
