@@ -21,7 +21,8 @@ KINDS = ('classifier', 'fcmae')
 # flags that describe the model and its input: for --eval/--pred they come from the checkpoint unless given
 CHECKPOINT_FLAGS = ('model', 'nb_classes', 'in_chans', 'input_size', 'normalize', 'crop_pct', 'use_bbox', 'padding',
                     'padding_size', 'soft_label_ratio', 'test_val_ratio', 'seed', 'split_seed', 'label_list',
-                    'use_softlabel', 'layer_scale_init_value', 'norm_layer', *ROADMAP_FLAGS)
+                    'use_softlabel', 'layer_scale_init_value', 'norm_layer', 'global_pool', 'clahe', 'clahe_grid',
+                    *ROADMAP_FLAGS)
 
 
 def check_output_dir(args):
