@@ -7,7 +7,8 @@
 Every folder below ``--runs`` with ``args.json`` and ``metrics.json`` (what ``main.py`` writes after its test
 evaluation) is one run; one trained with ``--model_ema_eval True`` also gives a row of its best EMA weights
 (``metrics_ema.json``, set-up ``weights=best EMA``). The EMA flags do not define the set-up of the row of the best
-(trained) weights, which they leave unchanged. Runs whose arguments differ only in ``--seed`` (and in their output
+(trained) weights, which they leave unchanged. A flag that a run's ``args.json`` lacks (saved before the flag
+existed) counts as main.py's default value, which is how that run behaved. Runs whose arguments differ only in ``--seed`` (and in their output
 folders) form one row; the row gives the mean and the sample standard deviation over its runs of each test metric,
 and the mean wall time of a run. The wall time is the process time that ``run.py`` recorded in its sweep's
 ``status.csv`` (the sum of the epoch times in ``log.txt`` when there is none); a run fine-tuned from an FCMAE
@@ -78,6 +79,13 @@ def pretrain_time(finetune):
     return wall_time(folder)
 
 
+def training_defaults():
+    """main.py's default value of every flag (dict flag -> value). Flags are added with the earlier behaviour as
+    their default, so a run saved before a flag existed ran as that default does."""
+    from flags import get_args_parser as training_parser
+    return vars(training_parser().parse_args([]))
+
+
 def collect(roots):
     """One record per finished run below ``roots``: its arguments, test metrics and wall time.
 
@@ -89,7 +97,7 @@ def collect(roots):
     Raises:
         DataError: a root that does not exist, or no finished run below the roots.
     """
-    records = []
+    records, defaults = [], training_defaults()
     for root in roots:
         if not Path(root).is_dir():
             raise DataError(f'{root}: no such folder')
@@ -97,7 +105,7 @@ def collect(roots):
             run_dir = metrics_path.parent
             if not (run_dir / 'args.json').is_file():
                 continue
-            args = read_json(run_dir / 'args.json')
+            args = {**defaults, **read_json(run_dir / 'args.json')}
             seconds = wall_time(run_dir) + pretrain_time(args.get('finetune'))
             trained = {k: v for k, v in args.items() if k not in EMA_ONLY}
             records.append({'args': {**trained, 'weights': 'best'}, 'metrics': read_json(metrics_path),

@@ -100,3 +100,13 @@ def test_ema_weights_give_their_own_row(tmp_path):
     assert df.loc['weights=best', 'acc_mean'] == pytest.approx(0.8) and df.loc['weights=best', 'seeds'] == '0 1 2'
     assert df.loc['model_ema_decay=0.998 weights=best EMA', 'acc_mean'] == pytest.approx(0.87)
     assert df['runs'].tolist() == [3, 2] and df['minutes'].tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_a_flag_a_run_lacks_counts_as_its_default(tmp_path):
+    runs = tmp_path / 'runs'
+    fake_run(runs / 'old', {'seed': 0}, {'acc': 0.7}, log_times=(60,))  # saved before --clahe existed
+    fake_run(runs / 'new', {'seed': 1, 'clahe': 0.0}, {'acc': 0.8}, log_times=(60,))
+    fake_run(runs / 'contrast', {'seed': 0, 'clahe': 2.0}, {'acc': 0.9}, log_times=(60,))
+    df = results_table.table(results_table.collect([runs])).set_index('setup')
+    assert df.loc['clahe=0.0', 'seeds'] == '1 0' and df.loc['clahe=0.0', 'acc_mean'] == pytest.approx(0.75)
+    assert df.loc['clahe=2.0', 'runs'] == 1 and len(df) == 2
