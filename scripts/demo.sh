@@ -14,10 +14,10 @@ stamp() { echo "[demo] $1 ($(( $(date +%s) - start )) s since start)"; }
 stamp "1/3 export ELPV into $DATA and split it 75/25 (validation from the 75%)"
 $PY preprocess_data.py --source elpv --output "$DATA" --test_val_ratio 0.25 0.1 --seed 0
 
-stamp "2/3 train convnext_atto (BatchNorm) from scratch, 2-class soft labels, $EPOCHS epochs at $SIZE px"
+stamp "2/3 train convnext_atto (BatchNorm, max pooling, CLAHE input) from scratch, 2-class soft labels, $EPOCHS epochs at $SIZE px"
 # configs/elpv_long.yaml's recipe cut to fit in about 15 minutes on 2 CPU cores
 $PY main.py --data_path "$DATA" --test_val_ratio 0.25 0.1 --seed 0 --model convnext_atto --norm_layer batchnorm \
-    --nb_classes 2 --use_softlabel True --soft_label_ratio 0.7 --input_size "$SIZE" --epochs "$EPOCHS" \
+    --global_pool max --clahe 2 --nb_classes 2 --use_softlabel True --soft_label_ratio 0.7 --input_size "$SIZE" --epochs "$EPOCHS" \
     --warmup_epochs 2 --batch_size 16 --lr 1e-3 --drop_path 0.1 --scale 0.8 1 --rot90 0.75 --rotation 3 \
     --output_dir "$OUT" --auto_resume True --test False
 
