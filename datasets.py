@@ -479,6 +479,6 @@ def balanced_label_weights(frame):
     return out
 
 
-__all__ = ['DefectDataset', 'ImageCache', 'LocalContrast', 'PerImageStandardize', 'RandomRot90', 'balanced_label_weights',
-           'build_transform', 'cache_fits', 'cache_side', 'check_files_exist', 'collate_skip', 'is_split_folder',
-           'label_counts', 'load_eval_frame', 'load_splits', 'to_tensor', 'upsample']
+__all__ = ['DefectDataset', 'ImageCache', 'LocalContrast', 'PerImageStandardize', 'RandomRot90',
+           'balanced_label_weights', 'build_transform', 'cache_fits', 'cache_side', 'check_files_exist', 'collate_skip',
+           'is_split_folder', 'label_counts', 'load_eval_frame', 'load_splits', 'to_tensor', 'upsample']

@@ -8,13 +8,13 @@ Every folder below ``--runs`` with ``args.json`` and ``metrics.json`` (what ``ma
 evaluation) is one run; one trained with ``--model_ema_eval True`` also gives a row of its best EMA weights
 (``metrics_ema.json``, set-up ``weights=best EMA``). The EMA flags do not define the set-up of the row of the best
 (trained) weights, which they leave unchanged. A flag that a run's ``args.json`` lacks (saved before the flag
-existed) counts as main.py's default value, which is how that run behaved. Runs whose arguments differ only in ``--seed`` (and in their output
-folders) form one row; the row gives the mean and the sample standard deviation over its runs of each test metric,
-and the mean wall time of a run. The wall time is the process time that ``run.py`` recorded in its sweep's
-``status.csv`` (the sum of the epoch times in ``log.txt`` when there is none); a run fine-tuned from an FCMAE
-encoder (``--finetune`` pointing at the ``encoder.pth`` of a ``--pretrain True`` run) also counts that pretraining's
-wall time once per run. ``--previous`` appends the rows of CSV files written before (an older recipe whose run
-folders are gone) and ``--name`` labels the new rows, so one table compares recipes.
+existed) counts as main.py's default value, which is how that run behaved. Runs whose arguments differ only in
+``--seed`` (and in their output folders) form one row; the row gives the mean and the sample standard deviation
+over its runs of each test metric, and the mean wall time of a run. The wall time is the process time that
+``run.py`` recorded in its sweep's ``status.csv`` (the sum of the epoch times in ``log.txt`` when there is none); a
+run fine-tuned from an FCMAE encoder (``--finetune`` pointing at the ``encoder.pth`` of a ``--pretrain True`` run)
+also counts that pretraining's wall time once per run. ``--previous`` appends the rows of CSV files written before
+(an older recipe whose run folders are gone) and ``--name`` labels the new rows, so one table compares recipes.
 """
 import argparse
 import json
