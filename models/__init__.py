@@ -29,6 +29,12 @@ def check_input_size(input_size):
     return input_size
 
 
+def is_timm_convnext(model):
+    """True for the names of timm's ConvNeXt V1/V2 (not the isotropic or roadmap models), the ones whose
+    constructor takes ``norm_layer`` and ``global_pool``."""
+    return model.startswith('convnext') and 'isotropic' not in model
+
+
 def check_norm_layer(model, norm_layer):
     """Return ``norm_layer`` ('layernorm' or 'batchnorm') if ``model`` can take it: BatchNorm only in timm's
     ConvNeXt V1/V2 (not the isotropic or roadmap models).
@@ -36,7 +42,7 @@ def check_norm_layer(model, norm_layer):
     Raises:
         DataError: one line naming --norm_layer and the model.
     """
-    if norm_layer == 'batchnorm' and (not model.startswith('convnext') or 'isotropic' in model):
+    if norm_layer == 'batchnorm' and not is_timm_convnext(model):
         raise DataError(f'--norm_layer batchnorm: only timm ConvNeXt V1/V2 models take it, not {model}')
     return norm_layer
 
@@ -67,7 +73,7 @@ def build_model(args):
             kwargs['ls_init_value'] = args.layer_scale_init_value
     pool = getattr(args, 'global_pool', 'avg')  # runs saved before --global_pool existed pooled by average
     if pool != 'avg':
-        if not args.model.startswith('convnext') or 'isotropic' in args.model:
+        if not is_timm_convnext(args.model):
             raise DataError(f'--global_pool {pool}: only timm ConvNeXt V1/V2 models take it, not {args.model}')
         kwargs['global_pool'] = pool
     if check_norm_layer(args.model, getattr(args, 'norm_layer', 'layernorm')) == 'batchnorm':
