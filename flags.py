@@ -7,6 +7,7 @@ import importlib.util
 
 from imaging import PADDING_MODES
 from labels import check_ratio, head_classes, parse_label_list
+from metrics import check_metric_name
 from models import check_input_size, check_norm_layer, resnet_roadmap
 from softLabelLoss import LOSS_FUNCTIONS
 from utils import DataError, str2bool, str2bool_or_auto
@@ -154,7 +155,9 @@ def add_run_flags(p):
     g.add_argument('--project', default='convnext-softlabel', help='W&B project')
     g.add_argument('--wandb_ckpt', type=str2bool, default=False,
                    help='upload checkpoint-best.pth (each new best) and checkpoint-last.pth (at the end) to W&B')
-    g.add_argument('--best_metric', default='auroc', help='validation metric choosing checkpoint-best.pth')
+    g.add_argument('--best_metric', default='auroc',
+                   help='validation metric choosing checkpoint-best.pth (auroc, acc, f1, ap, ece, brier...), or last: '
+                        'the last epoch, no selection on validation')
     g.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
     g.add_argument('--seed', type=int, default=0, help='training seed (and split seed unless --split_seed)')
     g.add_argument('--split_seed', type=int, default=None, help='seed of the train/val/test split (default --seed)')
@@ -245,6 +248,11 @@ def check_args(args):
     if not args.padding_size >= 0:
         raise DataError(f'--padding_size must be >= 0 pixels, got {args.padding_size}')
     check_input_size(args.input_size)
+    if args.best_metric != 'last':
+        try:
+            check_metric_name(args.best_metric)
+        except ValueError as e:
+            raise DataError(f'--best_metric: {e}, or last') from None
     parse_label_list(args.label_list)
     if args.enable_wandb and importlib.util.find_spec('wandb') is None:
         raise DataError('--enable_wandb True needs the wandb package: pip install wandb')

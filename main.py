@@ -59,9 +59,18 @@ def validate(model, model_ema, data, dev, args, epoch):
 def track_best(state, metric, metrics, epoch):
     """Update the best-epoch state with an epoch's validation metrics; True when the epoch is the new best.
 
-    Without a validation split every epoch counts as the best (the last one is kept)."""
+    Without a validation split, or with ``--best_metric last``, every epoch counts as the best (the last one is
+    kept: no selection on a small, noisy validation split).
+
+    Raises:
+        DataError: ``metric`` is not ``last`` and this run's validation does not give it (e.g. ``acc4`` of a
+            2-class head; ``flags.check_args`` has already refused names that are no metric at all).
+    """
+    if metric != 'last' and metrics and metric not in metrics:
+        raise DataError(f'--best_metric {metric}: this run\'s validation does not give it (it gives '
+                        f'{", ".join(k for k in metrics if k not in ("n", "skipped"))})')
     value = metrics.get(metric, float('nan'))
-    improved = is_better(metric, value, state['best_metric']) if metrics else True
+    improved = is_better(metric, value, state['best_metric']) if metrics and metric != 'last' else True
     if improved:
         state.update(best_metric=value if metrics else None, best_epoch=epoch, stale_epochs=0)
     else:
@@ -71,9 +80,9 @@ def track_best(state, metric, metrics, epoch):
 
 def track_best_ema(state, metric, ema_metrics, epoch):
     """The same for the EMA weights (--model_ema_eval): True when their validation ``metric`` is the best so far
-    (state keys best_ema_metric, best_ema_epoch). False without EMA metrics."""
+    (state keys best_ema_metric, best_ema_epoch), or every epoch with ``last``. False without EMA metrics."""
     value = ema_metrics.get(metric, nan)
-    if not ema_metrics or not is_better(metric, value, state['best_ema_metric']):
+    if not ema_metrics or (metric != 'last' and not is_better(metric, value, state['best_ema_metric'])):
         return False
     state.update(best_ema_metric=value, best_ema_epoch=epoch)
     return True

@@ -11,6 +11,9 @@ from sklearn.metrics import (accuracy_score, average_precision_score, precision_
 from labels import LABELS, defect_probability, is_defect, reference_defect_probability
 
 LOWER_IS_BETTER = ('loss', 'ece', 'brier')
+# What classification_metrics returns (acc4 only for a 4-class head); compute_metrics adds ``<type>/<name>``.
+METRIC_NAMES = ('acc', 'precision', 'recall', 'f1', 'auroc', 'ap', 'ece', 'brier', 'acc4',
+                *(f'acc_{name}' for name in LABELS), *(f'acc4_{name}' for name in LABELS))
 CALIBRATION_BINS = 15  # equal-width P(defect) bins of the ECE and of the reliability diagram
 
 
@@ -158,6 +161,13 @@ def compute_metrics(probs, labels, reference, types=None, conf=0.5):
                                                      np.asarray(reference)[known][m], conf).items():
                 out[f'{t}/{key}'] = value
     return out
+
+
+def check_metric_name(name):
+    """Raise ValueError unless ``name`` (optionally ``<type>/<name>``) is one of ``METRIC_NAMES``."""
+    if str(name).rsplit('/', 1)[-1] not in METRIC_NAMES:
+        raise ValueError(f'{name!r} is not a metric; one of {", ".join(METRIC_NAMES[:9])}, acc_<label>, '
+                         f'acc4_<label>, optionally as <type>/<metric>')
 
 
 def is_better(metric, value, best):

@@ -137,6 +137,7 @@ def test_prediction_unlabelled_folder_and_ensemble(trained, elpv_small, tmp_path
     (['--data_path', '/nonexistent/data'], '/nonexistent/data: data path does not exist'),
     (['--model_ema_eval', 'True'], 'model_ema_eval True needs --model_ema True'),
     (['--model_ema', 'True', '--model_ema_decay', '1'], 'model_ema_decay must lie in'),
+    (['--best_metric', 'val_auroc'], "best_metric: 'val_auroc' is not a metric"),
 ])
 def test_bad_input_one_line(flags, match, tmp_path, elpv_small):
     argv = train_argv(elpv_small, tmp_path / 'o')
@@ -351,3 +352,18 @@ def test_best_ema_weights_are_kept_and_tested(elpv_small, tmp_path):
                    '--output_dir', tmp_path / 'eval', '--num_workers', '0'])
     assert metrics['auroc'] == pytest.approx(summary['test_ema']['auroc'], abs=1e-6)
     assert metrics['brier'] == pytest.approx(summary['test_ema']['brier'], abs=1e-3)  # bf16 rounding
+
+
+def test_best_metric_last_keeps_the_last_epoch_and_tests_it(elpv_small, tmp_path):
+    out = tmp_path / 'last'
+    summary = run(train_argv(elpv_small, out, '--epochs', '3', '--best_metric', 'last', '--model_ema', 'True',
+                             '--model_ema_decay', '0.5', '--model_ema_eval', 'True'))
+    assert summary['best_epoch'] == 3 and summary['best_ema_epoch'] == 3
+    best = torch.load(out / 'checkpoint-best.pth', weights_only=True)
+    last = torch.load(out / 'checkpoint-last.pth', weights_only=True)
+    assert best['epoch'] == 2 and all(torch.equal(best['model'][k], last['model'][k]) for k in last['model'])
+    ema = torch.load(out / 'checkpoint-best-ema.pth', weights_only=True)
+    assert all(torch.equal(ema['model'][k], last['model_ema'][k]) for k in ema['model'])
+    # a metric name this run's validation does not give (4-class accuracy of a 2-class head) stops in one line
+    with pytest.raises(DataError, match='best_metric acc4: this run.s validation does not give it'):
+        run(train_argv(elpv_small, tmp_path / 'acc4', '--epochs', '1', '--best_metric', 'acc4'))
