@@ -220,7 +220,8 @@ def get_args_parser():
     """All command-line flags of main.py (boolean flags take True/False), in argument groups."""
     p = argparse.ArgumentParser('ConvNeXt soft-label defect classifier', allow_abbrev=False)
     for add in (add_model_flags, add_roadmap_flags, add_optimisation_flags, add_augmentation_flags,
-                add_soft_label_flags, add_data_flags, add_run_flags, add_operating_point_flags, add_fcmae_flags, add_prediction_flags):
+                add_soft_label_flags, add_data_flags, add_run_flags, add_operating_point_flags, add_fcmae_flags,
+                add_prediction_flags):
         add(p)
     return p
 
