@@ -19,7 +19,7 @@ stamp "2/3 train convnext_atto (BatchNorm, max pooling, CLAHE input) from scratc
 $PY main.py --data_path "$DATA" --test_val_ratio 0.25 0.1 --seed 0 --model convnext_atto --norm_layer batchnorm \
     --global_pool max --clahe 2 --nb_classes 2 --use_softlabel True --soft_label_ratio 0.7 --input_size "$SIZE" --epochs "$EPOCHS" \
     --warmup_epochs 2 --batch_size 16 --lr 1e-3 --drop_path 0.1 --scale 0.8 1 --rot90 0.75 --rotation 3 \
-    --output_dir "$OUT" --auto_resume True --test False
+    --best_metric last --output_dir "$OUT" --auto_resume True --test False
 
 stamp "3/3 prediction report on the test split"
 rm -rf "$OUT/report"  # the demo's own report, written again
