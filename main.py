@@ -72,7 +72,7 @@ def track_best(state, metric, metrics, epoch):
     value = metrics.get(metric, float('nan'))
     improved = is_better(metric, value, state['best_metric']) if metrics and metric != 'last' else True
     if improved:
-        state.update(best_metric=value if metrics else None, best_epoch=epoch, stale_epochs=0)
+        state.update(best_metric=value if metrics and metric != 'last' else None, best_epoch=epoch, stale_epochs=0)
     else:
         state['stale_epochs'] += 1
     return improved
@@ -245,13 +245,13 @@ def train(args):
                     save_weights(out / 'checkpoint-best-ema.pth', model_ema.module, epoch, args)
                     runlog.checkpoint(out / 'checkpoint-best-ema.pth', ['best-ema', f'epoch-{epoch + 1}'])
                 save_checkpoint(out / 'checkpoint-last.pth', 'classifier', model, optimizer, epoch, args, **parts)
-                best = state['best_metric']
+                best, shown = state['best_metric'], 'auroc' if args.best_metric == 'last' else args.best_metric
+                kept = 'kept: last epoch' if args.best_metric == 'last' else \
+                    f'best {shown} {best if best is None else round(best, 4)} (epoch {state["best_epoch"] + 1})'
                 ema = '' if not ema_metrics else \
-                    f'EMA {args.best_metric} {ema_metrics.get(args.best_metric, nan):.4f} (best epoch ' \
-                    f'{state["best_ema_epoch"] + 1}) | '
+                    f'EMA {shown} {ema_metrics.get(shown, nan):.4f} (best epoch {state["best_ema_epoch"] + 1}) | '
                 print(f'epoch {epoch + 1}/{args.epochs} loss {stats["loss"]:.4f} | val {format_metrics(metrics)} | '
-                      f'best {args.best_metric} {best if best is None else round(best, 4)} '
-                      f'(epoch {state["best_epoch"] + 1}) | {ema}{record["time_s"]:.0f}s', flush=True)
+                      f'{kept} | {ema}{record["time_s"]:.0f}s', flush=True)
             if args.early_stop and state['stale_epochs'] >= args.early_stop_epoch:
                 if is_main_process():
                     print(f'early stop: no better val {args.best_metric} for {args.early_stop_epoch} epochs')
