@@ -66,13 +66,14 @@ def track_best(state, metric, metrics, epoch):
         DataError: ``metric`` is not ``last`` and this run's validation does not give it (e.g. ``acc4`` of a
             2-class head; ``flags.check_args`` has already refused names that are no metric at all).
     """
-    if metric != 'last' and metrics and metric not in metrics:
+    selects = bool(metrics) and metric != 'last'
+    if selects and metric not in metrics:
         raise DataError(f'--best_metric {metric}: this run\'s validation does not give it (it gives '
                         f'{", ".join(k for k in metrics if k not in ("n", "skipped"))})')
     value = metrics.get(metric, float('nan'))
-    improved = is_better(metric, value, state['best_metric']) if metrics and metric != 'last' else True
+    improved = is_better(metric, value, state['best_metric']) if selects else True
     if improved:
-        state.update(best_metric=value if metrics and metric != 'last' else None, best_epoch=epoch, stale_epochs=0)
+        state.update(best_metric=value if selects else None, best_epoch=epoch, stale_epochs=0)
     else:
         state['stale_epochs'] += 1
     return improved
