@@ -314,8 +314,10 @@ def _unique_path(path):
 def prediction_table(frame, probs, indices, nb_classes, conf=0.5):
     """The prediction table: one row per predicted image.
 
-    Columns: path, label (true, when known), p_<class> per head class, p_defect, pred (neg/pos at ``conf``),
-    pred4 (argmax, 4-class head), correct (binary fold; empty when unlabelled).
+    Columns: path, label (true, when known), defect_prob and type (when the sample list has them: the annotated
+    defect probability and the cell type, so that ``frame_metrics`` can be computed again from the table alone),
+    p_<class> per head class, p_defect, pred (neg/pos at ``conf``), pred4 (argmax, 4-class head), correct (binary
+    fold; empty when unlabelled).
 
     Returns:
         pandas DataFrame.
@@ -324,6 +326,9 @@ def prediction_table(frame, probs, indices, nb_classes, conf=0.5):
     table = pd.DataFrame({'path': rows['path']})
     if 'label' in rows.columns:
         table['label'] = rows['label']
+    for column in ('defect_prob', 'type'):
+        if column in rows.columns:
+            table[column] = rows[column].to_numpy()
     for i, name in enumerate(head_classes(nb_classes)):
         table[f'p_{name}'] = probs[:, i]
     table['p_defect'] = defect_probability(probs)

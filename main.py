@@ -26,7 +26,7 @@ from config import parse_with_config
 from distributed import barrier, cleanup, is_main_process, world_size
 from distributed import rank as get_rank
 from engine import (build_loss, build_optimizer, evaluate, format_metrics, frame_metrics, predict_probs,
-                    sample_info, train_one_epoch, write_prediction_report)
+                    prediction_table, sample_info, train_one_epoch, write_prediction_report)
 from flags import check_args, get_args_parser
 from metrics import is_better
 from models import build_model, load_pretrained, read_checkpoint
@@ -35,7 +35,7 @@ from predict import Predictor, predict_checkpoint
 from runlog import RunLog
 from runtime import (device_settings, load_training_data, make_dataset, make_loader, prepare_model, resolve_device,
                      seed_loader)
-from utils import DataError, atomic_write_json, folder_lock, run_cli, seed_everything
+from utils import DataError, atomic_write_csv, atomic_write_json, folder_lock, run_cli, seed_everything
 
 log = logging.getLogger('main')
 
@@ -113,12 +113,13 @@ def fit_operating_point(args, model, data, dev, best):
 
 def metrics_at_operating_point(args, model, data, dev, point):
     """Test metrics of the loaded model at the operating point (with the uncalibrated ECE and Brier score, and the
-    miss rate at a --target_recall threshold)."""
+    miss rate at a --target_recall threshold), and its prediction table (``engine.prediction_table``, calibrated
+    probabilities): returns (metrics dict, DataFrame)."""
     test_set = make_dataset(data.splits['test'], args, False, data.cache)
     probs, indices = predict_probs(model, make_loader(test_set, args, dev.device, False), dev, 'test', args.tta)
     conf = args.conf if point['threshold'] is None else point['threshold']
-    metrics = frame_metrics(test_set.frame, apply_temperature(probs, point['temperature']), indices, conf,
-                            args.soft_label_ratio)
+    calibrated = apply_temperature(probs, point['temperature'])
+    metrics = frame_metrics(test_set.frame, calibrated, indices, conf, args.soft_label_ratio)
     if args.calibrate:
         raw = frame_metrics(test_set.frame, probs, indices, conf, args.soft_label_ratio)
         metrics.update(temperature=point['temperature'], ece_uncalibrated=raw.get('ece'),
@@ -126,11 +127,12 @@ def metrics_at_operating_point(args, model, data, dev, point):
     if point['threshold'] is not None:
         metrics.update(threshold=point['threshold'], target_recall=args.target_recall,
                        miss_rate=1 - metrics['recall'] if 'recall' in metrics else None)
-    return metrics
+    return metrics, prediction_table(test_set.frame, calibrated, indices, args.nb_classes, conf)
 
 
 def test_best(args, model, data, dev, state, epochs_run):
-    """Evaluate checkpoint-best.pth on the test split (--test True); write metrics.json and finished.json.
+    """Evaluate checkpoint-best.pth on the test split (--test True); write test_predictions.csv (one row per test
+    image, ``engine.prediction_table``), metrics.json and finished.json.
 
     With --calibrate / --target_recall the operating point is fitted on validation first (fit_operating_point) and
     the test metrics are taken at it. With --model_ema_eval the best EMA weights (checkpoint-best-ema.pth) are
@@ -155,9 +157,10 @@ def test_best(args, model, data, dev, state, epochs_run):
         if not name:
             summary.update({k: v for k, v in point.items() if v is not None and (k != 'temperature' or args.calibrate)})
         if args.test and len(data.splits['test']):
-            metrics = metrics_at_operating_point(args, model, data, dev, point)
+            metrics, table = metrics_at_operating_point(args, model, data, dev, point)
             summary[f'test{name}'] = metrics
             if is_main_process():
+                atomic_write_csv(table, out / f'test_predictions{name}.csv')  # what results_table.py --ensemble reads
                 atomic_write_json(metrics, out / f'metrics{name}.json')
                 print(f'test ({what}, epoch {epoch + 1}): {format_metrics(metrics)}')
     if is_main_process():

@@ -15,6 +15,13 @@ over its runs of each test metric, and the mean wall time of a run. The wall tim
 run fine-tuned from an FCMAE encoder (``--finetune`` pointing at the ``encoder.pth`` of a ``--pretrain True`` run)
 also counts that pretraining's wall time once per run. ``--previous`` appends the rows of CSV files written before
 (an older recipe whose run folders are gone) and ``--name`` labels the new rows, so one table compares recipes.
+
+``--ensemble K`` adds, below each set-up's row, a row of ensembles of K of its runs: the runs, sorted by seed, are
+cut into consecutive groups of K (seeds 0-2, 3-5, ... for K = 3; runs left over are not used), each group's test
+probabilities (the ``test_predictions.csv`` main.py writes beside ``metrics.json``) are averaged per image (a deep
+ensemble, Lakshminarayanan et al., NeurIPS 2017; what ``main.py --pred --several_models True`` does with the
+checkpoints) and scored like one run; the row gives the mean and spread over the ensembles and the wall time of K
+runs one after another.
 """
 import argparse
 import json
@@ -129,8 +136,9 @@ def shown(value):
     return 'none' if value in ('', None) else str(value)
 
 
-def table(records):
-    """Group runs by set-up and summarise them.
+def table(records, ensemble=0):
+    """Group runs by set-up and summarise them; with ``ensemble`` >= 2, each set-up's row is followed by the row of
+    its ensembles of that many runs (``ensemble_row``).
 
     Returns:
         pandas.DataFrame, one row per set-up in first-seen order: ``setup`` (the arguments that differ between
@@ -153,7 +161,67 @@ def table(records):
                 row[f'{m}_mean'], row[f'{m}_std'] = values.mean(), values.std(ddof=1)
         row['minutes'] = pd.Series([r['seconds'] for r in runs]).mean() / 60
         rows.append(row)
+        extra = ensemble_row(row, runs, ensemble) if ensemble >= 2 else None
+        if extra:
+            rows.append(extra)
     return pd.DataFrame(rows)
+
+
+def predictions_file(record):
+    """The test predictions a record's metrics were computed from (``test_predictions[_ema].csv``)."""
+    return record['dir'] / ('test_predictions_ema.csv' if record['args']['weights'] == 'best EMA'
+                            else 'test_predictions.csv')
+
+
+def ensemble_metrics(members):
+    """Test metrics of the average of several runs' test probabilities.
+
+    Args:
+        members: records (``collect``) of one set-up, each with its ``test_predictions.csv``.
+
+    Returns:
+        dict of metrics as main.py's metrics.json (``engine.frame_metrics`` at the members' ``--conf``).
+
+    Raises:
+        DataError: a missing or unreadable predictions file, or members that predicted different images.
+    """
+    from engine import frame_metrics  # torch and timm: imported only when ensembles are asked for
+    tables = []
+    for record in members:
+        path = predictions_file(record)
+        if not path.is_file():
+            raise DataError(f'{path}: missing (runs saved before main.py wrote test predictions cannot be '
+                            'ensembled here; use main.py --pred --several_models True)')
+        tables.append(read_csv(path, 'test predictions').sort_values('path').reset_index(drop=True))
+    columns = [c for c in tables[0].columns if c.startswith('p_') and c != 'p_defect']
+    for record, t in zip(members[1:], tables[1:]):
+        if list(t['path']) != list(tables[0]['path']) or set(columns) - set(t.columns):
+            raise DataError(f'{predictions_file(record)}: other images or classes than '
+                            f'{predictions_file(members[0])}; an ensemble needs the same test split and head')
+    probs = sum(t[columns].to_numpy(float) for t in tables) / len(tables)
+    frame = tables[0][[c for c in ('path', 'label', 'defect_prob', 'type') if c in tables[0].columns]]
+    args = members[0]['args']
+    return frame_metrics(frame, probs, list(range(len(frame))), args.get('conf', 0.5),
+                         args.get('soft_label_ratio', 0.7))
+
+
+def ensemble_row(row, runs, size):
+    """The row of ensembles of ``size`` runs of one set-up (see the module docstring), or None with too few runs."""
+    runs = sorted(runs, key=lambda r: (r['args'].get('seed') is None, r['args'].get('seed')))
+    groups = [runs[i:i + size] for i in range(0, len(runs) - size + 1, size)]
+    if not groups:
+        return None
+    if len(runs) % size:
+        print(f'warning: {row["setup"]}: {len(runs) % size} run(s) left out of the ensembles of {size}')
+    scores = [ensemble_metrics(g) for g in groups]
+    out = {'setup': f'{row["setup"]}: ensemble of {size}', 'runs': len(groups),
+           'seeds': ' '.join('+'.join(str(r['args'].get('seed')) for r in g) for g in groups)}
+    for m in METRICS:
+        values = pd.Series([s[m] for s in scores if m in s], dtype=float)
+        if len(values):
+            out[f'{m}_mean'], out[f'{m}_std'] = values.mean(), values.std(ddof=1)
+    out['minutes'] = size * row['minutes']
+    return out
 
 
 def markdown(df):
@@ -177,6 +245,8 @@ def get_args_parser():
     p.add_argument('--name', default='', help='text put before the set-up of each row of these runs')
     p.add_argument('--previous', nargs='*', default=[],
                    help='CSV files this script wrote before (e.g. an older recipe): their rows follow the new ones')
+    p.add_argument('--ensemble', type=int, default=0,
+                   help='K >= 2: also a row of ensembles of K runs per set-up (their test probabilities averaged)')
     return p
 
 
@@ -207,7 +277,9 @@ def main(argv=None):
     """Entry point: print the markdown table and write it with the CSV; returns the DataFrame."""
     args = get_args_parser().parse_args(argv)
     previous = read_previous(args.previous)
-    df = table(collect(args.runs))
+    if args.ensemble == 1 or args.ensemble < 0:
+        raise DataError(f'--ensemble must be 0 (none) or at least 2 runs, got {args.ensemble}')
+    df = table(collect(args.runs), args.ensemble)
     if args.name:
         df['setup'] = args.name + (': ' + df['setup']).where(df['setup'] != 'all', '')
     df = pd.concat([df, *previous], ignore_index=True)

@@ -32,7 +32,7 @@ def test_two_processes_write_one_set_of_outputs(ddp_run):
     assert len(list((out / 'tensorboard').glob('events.out.tfevents.*'))) == 1
     assert sorted(p.name for p in out.iterdir()) == ['.lock', 'args.json', 'checkpoint-best.pth',  # rank 0's lock
                                                      'checkpoint-last.pth', 'config.yaml', 'finished.json', 'log.txt',
-                                                     'metrics.json', 'tensorboard']
+                                                     'metrics.json', 'tensorboard', 'test_predictions.csv']
     assert proc.stdout.count('epoch 2/2') == 1  # one summary line per epoch, from rank 0 only
     assert 'effective batch 16 (8 x 1 accumulation x 2 processes)' in proc.stderr
     # validation counts every sample exactly once, although 10 does not split evenly over 2 ranks with batches of 16

@@ -110,3 +110,58 @@ def test_a_flag_a_run_lacks_counts_as_its_default(tmp_path):
     df = results_table.table(results_table.collect([runs])).set_index('setup')
     assert df.loc['clahe=0.0', 'seeds'] == '1 0' and df.loc['clahe=0.0', 'acc_mean'] == pytest.approx(0.75)
     assert df.loc['clahe=2.0', 'runs'] == 1 and len(df) == 2
+
+
+def test_real_ensemble_row_equals_prediction_of_the_averaged_checkpoints(elpv_small, tmp_path):
+    import main as train_main
+    sweep_dir = tmp_path / 'sweep'
+    fp32 = '--split_seed 0 --use_amp False --channels_last False'  # the same precision as --pred below
+    sweeps.main(['--sweep_dir', str(sweep_dir), '--base', f'--data_path {elpv_small} {TINY} {fp32}',
+                 '--grid', 'seed=0,1,2'])
+    runs = [sweep_dir / 'runs' / f'seed-{s}' for s in (0, 1, 2)]
+    for run in runs:  # the test predictions main.py saves give back its test metrics
+        table = pd.read_csv(run / 'test_predictions.csv')
+        assert {'path', 'label', 'defect_prob', 'type', 'p_neg', 'p_pos', 'p_defect'} <= set(table.columns)
+        again = results_table.ensemble_metrics([{'dir': run, 'args': {'weights': 'best'}}])
+        metrics = json.loads((run / 'metrics.json').read_text())
+        assert again['auroc'] == pytest.approx(metrics['auroc']) and again['ece'] == pytest.approx(metrics['ece'])
+    df = results_table.main(['--runs', str(sweep_dir / 'runs'), '--ensemble', '2', '--out', str(tmp_path / 't')])
+    assert df['setup'].tolist() == ['all', 'all: ensemble of 2'] and df.loc[1, 'seeds'] == '0+1'
+    assert df.loc[1, 'runs'] == 1 and df.loc[1, 'minutes'] == pytest.approx(2 * df.loc[0, 'minutes'])
+    report = tmp_path / 'report'
+    train_main.main(['--pred', 'True', '--several_models', 'True', '--resume',
+                     *(str(r / 'checkpoint-best.pth') for r in runs[:2]), '--eval_data_path', str(elpv_small),
+                     '--test_val_ratio', '0.25', '0.25', '--split_seed', '0', '--pred_save_path', str(report),
+                     '--num_workers', '0', '--use_amp', 'False', '--channels_last', 'False'])
+    averaged = json.loads((report / 'metrics.json').read_text())
+    for m in ('acc', 'auroc', 'ece', 'brier'):
+        assert df.loc[1, f'{m}_mean'] == pytest.approx(averaged[m], abs=1e-4), m
+
+
+def test_ensembles_group_seeds_in_order_and_bad_input(tmp_path, capsys):
+    runs = tmp_path / 'runs'
+    paths = [f'/data/{k}.png' for k in range(4)]
+    labels = ['neg', 'pos', 'neg', 'pos']
+    p_pos = {0: [0.2, 0.4, 0.6, 0.8], 1: [0.6, 0.3, 0.1, 0.9], 2: [0.5, 0.5, 0.5, 0.5], 3: [0.9, 0.1, 0.9, 0.1]}
+    for seed in (3, 0, 2, 1, 4):  # folder order is not seed order
+        fake_run(runs / f's{seed}', {'seed': seed}, {'acc': 0.5}, log_times=(60,))
+        if seed in p_pos:
+            pd.DataFrame({'path': paths, 'label': labels, 'p_neg': [1 - p for p in p_pos[seed]],
+                          'p_pos': p_pos[seed]}).to_csv(runs / f's{seed}' / 'test_predictions.csv', index=False)
+    with pytest.raises(DataError, match='s4/test_predictions.csv: missing'):
+        results_table.main(['--runs', str(runs), '--ensemble', '5', '--out', str(tmp_path / 't.csv')])
+    (runs / 's4' / 'metrics.json').unlink()
+    df = results_table.main(['--runs', str(runs), '--ensemble', '2', '--out', str(tmp_path / 't.csv')])
+    assert df.loc[1, 'setup'] == 'all: ensemble of 2' and df.loc[1, 'seeds'] == '0+1 2+3'
+    # seeds 0+1 average to [0.4, 0.35, 0.35, 0.85]: accuracy 3/4; seeds 2+3 to [0.7, 0.3, 0.7, 0.3]: 0/4 right
+    assert df.loc[1, 'acc_mean'] == pytest.approx(0.375) and df.loc[1, 'acc_std'] == pytest.approx(0.75 / 2 ** 0.5)
+    assert df.loc[1, 'auroc_mean'] == pytest.approx((0.625 + 0.0) / 2)  # 0.625: one tie, one lost pair of four
+    df = results_table.main(['--runs', str(runs), '--ensemble', '3', '--out', str(tmp_path / 't.csv')])
+    assert df.loc[1, 'seeds'] == '0+1+2' and 'run(s) left out' in capsys.readouterr().out
+    table = pd.read_csv(runs / 's2' / 'test_predictions.csv')
+    table.loc[0, 'path'] = '/data/other.png'
+    table.to_csv(runs / 's2' / 'test_predictions.csv', index=False)
+    with pytest.raises(DataError, match='s2/test_predictions.csv: other images'):
+        results_table.main(['--runs', str(runs), '--ensemble', '4', '--out', str(tmp_path / 't.csv')])
+    with pytest.raises(DataError, match='--ensemble must be 0'):
+        results_table.main(['--runs', str(runs), '--ensemble', '1'])
