@@ -208,21 +208,32 @@ def train_one_epoch(model, criterion, loader, optimizer, dev, epoch, *, lr_sched
             'skipped': int(all_reduce_sum(expected - loaded)), 'updates': update_count, 'data_time': data_time}
 
 
-def dihedral_views(images):
-    """The eight symmetries of the square of a batch (four turns, each also mirrored): test-time augmentation for
-    images with no up or down.
+def dihedral_views(images, turns=True):
+    """Symmetries of the square of a batch, as test-time augmentation for images with no up or down.
 
     Args:
         images: float tensor [B, C, H, W] with H == W.
+        turns: True gives all eight (four turns, each also mirrored); False the four flips only (identity,
+            left-right, up-down, both), for a model trained with flips but no turns (``--rot90 0``).
 
     Returns:
-        list of 8 tensors [B, C, H, W], the identity first.
+        list of 8 (or 4) tensors [B, C, H, W], the identity first.
     """
+    if not turns:
+        return [images, images.flip(-1), images.flip(-2), images.flip(-2, -1)]
     views = []
     for k in range(4):
         turned = torch.rot90(images, k, dims=(-2, -1))
         views += [turned, turned.flip(-1)]
     return views
+
+
+def tta_mode(tta, rot90):
+    """Which views ``predict_probs`` averages: None (``--tta False``), 'dihedral' (the eight symmetries, for a model
+    trained with ``--rot90`` > 0) or 'flips' (the four flips: views the model was trained on, no turns)."""
+    if not tta:
+        return None
+    return 'dihedral' if rot90 and rot90 > 0 else 'flips'
 
 
 @torch.inference_mode()
@@ -231,7 +242,8 @@ def predict_probs(model, loader, dev, desc='eval', tta=False):
 
     Args:
         model: classifier. loader: DataLoader of (images, labels, indices) batches or None. dev: ``DeviceSettings``.
-        tta: average the softmax over the eight ``dihedral_views`` of each image (8x the compute).
+        tta: None/False (one view), 'dihedral' or True (average the softmax over the eight ``dihedral_views``
+            of each image, 8x the compute), or 'flips' (the four flips, 4x; ``tta_mode`` picks it from the run).
 
     Returns:
         (float32 array [N, C] softmax probabilities, int64 array [N] sample indices, sorted); images skipped by the
@@ -244,7 +256,7 @@ def predict_probs(model, loader, dev, desc='eval', tta=False):
         if batch is None:
             continue
         images, _, index = batch
-        views = dihedral_views(images) if tta else [images]
+        views = dihedral_views(images, turns=tta != 'flips') if tta else [images]
         p = 0
         for view in views:
             with dev.autocast():
@@ -433,4 +445,4 @@ def format_metrics(metrics, keys=('acc', 'auroc', 'f1', 'ece', 'brier', 'acc4'))
 
 __all__ = ['DeviceSettings', 'build_loss', 'build_optimizer', 'dihedral_views', 'evaluate', 'format_metrics',
            'frame_metrics', 'optimizer_step', 'predict_probs', 'prediction_table', 'save_predictions',
-           'train_one_epoch', 'write_prediction_report']
+           'train_one_epoch', 'tta_mode', 'write_prediction_report']

@@ -213,7 +213,8 @@ def add_prediction_flags(p):
                         'threshold unless --conf is given')
     g.add_argument('--several_models', type=str2bool, default=False, help='average the --resume checkpoints')
     g.add_argument('--tta', type=str2bool, default=False,
-                   help='test-time augmentation: average over the 8 flips and turns (test split, --eval, --pred)')
+                   help='test-time augmentation (test split, --eval, --pred): average over the 8 flips and turns, '
+                        'or the 4 flips for a model trained with --rot90 0')
 
 
 def get_args_parser():

@@ -26,7 +26,7 @@ from config import parse_with_config
 from distributed import barrier, cleanup, is_main_process, world_size
 from distributed import rank as get_rank
 from engine import (build_loss, build_optimizer, evaluate, format_metrics, frame_metrics, predict_probs,
-                    prediction_table, sample_info, train_one_epoch, write_prediction_report)
+                    prediction_table, sample_info, train_one_epoch, tta_mode, write_prediction_report)
 from flags import check_args, get_args_parser
 from metrics import is_better
 from models import build_model, load_pretrained, read_checkpoint
@@ -97,7 +97,8 @@ def fit_operating_point(args, model, data, dev, best):
         return point
     if data.val_loader is None:
         raise DataError('--calibrate and --target_recall need a validation split (--test_val_ratio TEST VAL > 0)')
-    probs, indices = predict_probs(model, data.val_loader, dev, 'val (operating point)', args.tta)
+    probs, indices = predict_probs(model, data.val_loader, dev, 'val (operating point)',
+                                   tta_mode(args.tta, args.rot90))
     labels, reference, _ = sample_info(data.val_set.frame, args.soft_label_ratio)
     try:
         point = operating_point(probs, labels[indices], reference[indices], args.calibrate, args.target_recall)
@@ -116,7 +117,8 @@ def metrics_at_operating_point(args, model, data, dev, point):
     miss rate at a --target_recall threshold), and its prediction table (``engine.prediction_table``, calibrated
     probabilities): returns (metrics dict, DataFrame)."""
     test_set = make_dataset(data.splits['test'], args, False, data.cache)
-    probs, indices = predict_probs(model, make_loader(test_set, args, dev.device, False), dev, 'test', args.tta)
+    probs, indices = predict_probs(model, make_loader(test_set, args, dev.device, False), dev, 'test',
+                                   tta_mode(args.tta, args.rot90))
     conf = args.conf if point['threshold'] is None else point['threshold']
     calibrated = apply_temperature(probs, point['temperature'])
     metrics = frame_metrics(test_set.frame, calibrated, indices, conf, args.soft_label_ratio)

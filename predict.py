@@ -20,7 +20,7 @@ from calibration import apply_temperature
 from checkpoint import effective_args, load_for_inference
 from datasets import build_transform, load_eval_frame, to_tensor
 from distributed import main_first
-from engine import DeviceSettings, predict_probs
+from engine import DeviceSettings, predict_probs, tta_mode
 from flags import get_args_parser
 from imaging import ImageReadError, read_image
 from labels import defect_probability, head_classes
@@ -154,7 +154,7 @@ class Predictor:
                                                            split_seed(args), args.label_list))
             dataset = main_first(lambda: make_dataset(frame, args, False, eval_cache(data, args, len(frame))))
             probs, idx = predict_probs(m.model, make_loader(dataset, args, m.dev.device, False), m.dev,
-                                       f'predict {Path(m.path).name}', tta=self.args.tta)
+                                       f'predict {Path(m.path).name}', tta=tta_mode(self.args.tta, args.rot90))
             if indices is not None and not np.array_equal(idx, indices):
                 raise DataError(f'{m.path}: models saw different images (a corrupt image?); predict them one by one')
             indices, frame = idx, dataset.frame
@@ -183,7 +183,7 @@ class Predictor:
             batches = ((torch.stack([to_tensor(a, args.in_chans, transform) for a in arrays[s:s + batch_size]]),
                         None, torch.arange(s, min(s + batch_size, len(arrays))))
                        for s in range(0, len(arrays), batch_size))  # what a DataLoader yields, for predict_probs
-            probs, _ = predict_probs(m.model, batches, m.dev, 'predict', tta=self.args.tta)
+            probs, _ = predict_probs(m.model, batches, m.dev, 'predict', tta=tta_mode(self.args.tta, args.rot90))
             probs = probs if len(arrays) else np.zeros((0, len(self.classes)), np.float32)
             total = total + apply_temperature(probs, args.temperature)
         probs = total / len(self.members)

@@ -100,8 +100,8 @@ def test_cache_modes(mode, file_expected, tmp_path):
         assert (cache.path is not None) == file_expected
 
 
-def test_tta_averages_the_eight_symmetries():
-    from engine import DeviceSettings, dihedral_views, predict_probs
+def test_tta_averages_the_eight_symmetries_or_the_four_flips():
+    from engine import DeviceSettings, dihedral_views, predict_probs, tta_mode
     torch.manual_seed(0)
     images = torch.randn(5, 3, 16, 16)
     views = dihedral_views(images)
@@ -120,6 +120,15 @@ def test_tta_averages_the_eight_symmetries():
     # the prediction no longer depends on how the image was turned
     turned, _ = predict_probs(model, loader(torch.rot90(images, 1, dims=(-2, -1))), dev, tta=True)
     assert np.allclose(turned, tta, atol=1e-5)
+    # a model trained without turns (--rot90 0) averages the four flips only
+    assert tta_mode(False, 0.75) is None and tta_mode(True, 0.75) == 'dihedral' and tta_mode(True, 0.0) == 'flips'
+    flips = dihedral_views(images, turns=False)
+    assert len(flips) == 4 and all(any(torch.equal(f, v) for v in views) for f in flips)
+    flipped, _ = predict_probs(model, loader(images), dev, tta='flips')
+    expected = torch.stack([model(v).softmax(-1) for v in flips]).mean(0).detach().numpy()
+    assert np.allclose(flipped, expected, atol=1e-6) and not np.allclose(flipped, tta, atol=1e-3)
+    mirrored, _ = predict_probs(model, loader(images.flip(-2)), dev, tta='flips')
+    assert np.allclose(mirrored, flipped, atol=1e-5)
 
 
 def test_benchmark_window_leaves_warmup_out():
