@@ -191,3 +191,18 @@ def test_a_finished_run_missing_from_status_is_recorded(tmp_path):
     assert row['seconds'] == pytest.approx(5.5)
     sweeps.record_unrecorded(status, 'seed-0', out)  # already there: not added twice
     assert len(pd.read_csv(status)) == 1
+
+
+@pytest.mark.parametrize('config', sorted(p.name for p in (ROOT / 'configs').glob('*.yaml')))
+def test_every_config_plans_runs_main_accepts(config, tmp_path):
+    from config import parse_with_config
+    from flags import check_args, get_args_parser
+    sweep = sweeps.load_sweep(sweeps.get_args_parser().parse_args(['--config', str(ROOT / 'configs' / config),
+                                                                   '--sweep_dir', str(tmp_path)]))
+    runs = sweeps.plan_runs(sweep)
+    assert runs
+    for run in runs:
+        command = sweeps.build_command(run, sweep)
+        args, _ = parse_with_config(get_args_parser(), command[command.index(str(ROOT / 'main.py')) + 1:])
+        check_args(args)  # raises on a flag value main.py refuses
+        assert args.output_dir == str(tmp_path / 'runs' / run['name'])
