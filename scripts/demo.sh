@@ -15,7 +15,7 @@ stamp "1/3 export ELPV into $DATA and split it 75/25 (validation from the 75%)"
 $PY preprocess_data.py --source elpv --output "$DATA" --test_val_ratio 0.25 0.1 --seed 0
 
 stamp "2/3 train convnext_atto (BatchNorm, max pooling, CLAHE input) from scratch, 2-class soft labels, $EPOCHS epochs at $SIZE px"
-# one run of configs/elpv_ensemble.yaml's recipe (about 9 minutes on 2 CPU cores)
+# one run of configs/elpv_ensemble.yaml's recipe at 224 px instead of 288 (about 9 minutes on 2 CPU cores)
 $PY main.py --data_path "$DATA" --test_val_ratio 0.25 0.1 --seed 0 --model convnext_atto --norm_layer batchnorm \
     --global_pool max --clahe 2 --nb_classes 2 --use_softlabel True --soft_label_ratio 0.7 --input_size "$SIZE" \
     --epochs "$EPOCHS" --warmup_epochs 1 --batch_size 16 --lr 1e-3 --drop_path 0 --weight_decay 0 --scale 1 1 \
