@@ -136,6 +136,17 @@ def shown(value):
     return 'none' if value in ('', None) else str(value)
 
 
+def mean_and_spread(scores):
+    """``<metric>_mean`` and ``<metric>_std`` (sample standard deviation, NaN for one value) of each of METRICS
+    over a list of metric dicts, for the metrics they hold."""
+    out = {}
+    for m in METRICS:
+        values = pd.Series([s[m] for s in scores if m in s], dtype=float)
+        if len(values):
+            out[f'{m}_mean'], out[f'{m}_std'] = values.mean(), values.std(ddof=1)
+    return out
+
+
 def table(records, ensemble=0):
     """Group runs by set-up and summarise them; with ``ensemble`` >= 2, each set-up's row is followed by the row of
     its ensembles of that many runs (``ensemble_row``).
@@ -155,10 +166,7 @@ def table(records, ensemble=0):
     for key, runs in zip(keys, groups.values()):
         row = {'setup': ' '.join(f'{f}={shown(key[f])}' for f in varying if f in key) or 'all',
                'runs': len(runs), 'seeds': ' '.join(str(r['args'].get('seed')) for r in runs)}
-        for m in METRICS:
-            values = pd.Series([r['metrics'][m] for r in runs if m in r['metrics']], dtype=float)
-            if len(values):
-                row[f'{m}_mean'], row[f'{m}_std'] = values.mean(), values.std(ddof=1)
+        row.update(mean_and_spread([r['metrics'] for r in runs]))
         row['minutes'] = pd.Series([r['seconds'] for r in runs]).mean() / 60
         rows.append(row)
         extra = ensemble_row(row, runs, ensemble) if ensemble >= 2 else None
@@ -216,10 +224,7 @@ def ensemble_row(row, runs, size):
     scores = [ensemble_metrics(g) for g in groups]
     out = {'setup': f'{row["setup"]}: ensemble of {size}', 'runs': len(groups),
            'seeds': ' '.join('+'.join(str(r['args'].get('seed')) for r in g) for g in groups)}
-    for m in METRICS:
-        values = pd.Series([s[m] for s in scores if m in s], dtype=float)
-        if len(values):
-            out[f'{m}_mean'], out[f'{m}_std'] = values.mean(), values.std(ddof=1)
+    out.update(mean_and_spread(scores))
     out['minutes'] = size * row['minutes']
     return out
 
