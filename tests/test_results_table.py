@@ -112,6 +112,16 @@ def test_a_flag_a_run_lacks_counts_as_its_default(tmp_path):
     assert df.loc['clahe=2.0', 'runs'] == 1 and len(df) == 2
 
 
+def test_compiled_and_eager_seeds_form_one_setup(tmp_path):
+    runs = tmp_path / 'runs'  # --compile auto compiles on one machine and not on another: the same set-up
+    fake_run(runs / 'eager', {'seed': 0, 'compile': False, 'lr': 1e-3}, {'acc': 0.7}, log_times=(60,))
+    fake_run(runs / 'compiled', {'seed': 1, 'compile': True, 'lr': 1e-3}, {'acc': 0.8}, log_times=(60,))
+    fake_run(runs / 'other', {'seed': 0, 'compile': True, 'lr': 2e-3}, {'acc': 0.9}, log_times=(60,))
+    df = results_table.table(results_table.collect([runs])).set_index('setup')
+    assert df.loc['lr=0.001', 'seeds'] == '1 0' and df.loc['lr=0.001', 'acc_mean'] == pytest.approx(0.75)
+    assert len(df) == 2 and not any('compile' in setup for setup in df.index)
+
+
 def test_real_ensemble_row_equals_prediction_of_the_averaged_checkpoints(elpv_small, tmp_path):
     import main as train_main
     sweep_dir = tmp_path / 'sweep'
