@@ -185,7 +185,7 @@ def probe_compile(build, settings, batch):
     """
     eager = build().train()
     eager_s = time_step(eager, settings, batch)
-    compiled = torch.compile(build().train())
+    compiled = torch.compile(build().train(), dynamic=False)  # as runtime.CompiledModule compiles
     try:
         t0 = time.perf_counter()
         time_step(compiled, settings, batch, steps=0)  # the untimed warm-up step compiles forward and backward

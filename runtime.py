@@ -170,16 +170,52 @@ def load_training_data(args, device):
                         make_loader(val_set, args, device, False) if len(val_set) else None, cache)
 
 
+class CompiledModule(torch.nn.Module):
+    """A module run through ``torch.compile`` (static shapes: one graph per batch shape), falling back to eager mode
+    for the rest of the run, with one warning, when compiling fails at any call (a new batch shape included).
+
+    Only compiler errors (``torch._dynamo.exc.TorchDynamoException``, which wraps back-end failures) fall back;
+    errors of the model itself propagate. ``module`` is its only registered child: ``parameters()``,
+    ``state_dict()``, ``train()`` and ``eval()`` are the wrapped module's.
+
+    Args:
+        module: nn.Module to call (the model, or its DistributedDataParallel wrapper).
+
+    Raises:
+        Exception: whatever ``torch.compile`` itself raises (prepare_model catches it and stays eager).
+    """
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+        object.__setattr__(self, 'compiled', torch.compile(module, dynamic=False))  # not a second child
+        self.failed = False
+
+    def forward(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                return self.compiled(*args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as e:
+                self.failed = True
+                log.warning(f'--compile True: torch.compile failed ({compile_error(e)}); running eagerly')
+        return self.module(*args, **kwargs)
+
+
+def compile_error(e):
+    """One line naming a compile failure: ``ClassName: first line of the message`` (at most 160 characters)."""
+    return f'{e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ""}'
+
+
 def prepare_model(model, args, dev):
     """Move a model to the device (channels_last when asked) and wrap it for training/inference.
 
     Args:
-        model: nn.Module. args: flags (compile, in_chans, input_size). dev: ``engine.DeviceSettings``.
+        model: nn.Module. args: flags (compile). dev: ``engine.DeviceSettings``.
 
     Returns:
         the module to call: ``model`` itself, DDP under torchrun (trainable models in training mode; on CUDA its
-        BatchNorm layers become SyncBatchNorm), and/or
-        torch.compile'd (``--compile True``; eager with a warning when compiling fails).
+        BatchNorm layers become SyncBatchNorm), and/or a ``CompiledModule`` (``--compile True``: compiled at the
+        first call, eager with a warning when compiling fails).
     """
     model.to(dev.device, memory_format=dev.memory_format)
     run_model = model
@@ -190,11 +226,7 @@ def prepare_model(model, args, dev):
         run_model = DistributedDataParallel(model, device_ids=device_ids)
     if args.compile is True:  # 'auto' is resolved before (precision.choose_compile)
         try:
-            compiled = torch.compile(run_model)
-            with torch.no_grad():  # compile now, so that a failure falls back here and not mid-epoch
-                compiled(dev.inputs(torch.zeros(2, args.in_chans, args.input_size, args.input_size)))
-            run_model = compiled
+            run_model = CompiledModule(run_model)
         except Exception as e:  # compiler back ends raise many kinds of errors
-            log.warning(f'--compile True: torch.compile failed ({e.__class__.__name__}: '
-                        f'{str(e).splitlines()[0][:160] if str(e) else ""}); running eagerly')
+            log.warning(f'--compile True: torch.compile failed ({compile_error(e)}); running eagerly')
     return run_model

@@ -30,7 +30,8 @@ def random_patch_mask(batch, grid, mask_ratio, device=None, generator=None):
         raise ValueError(f'--mask_ratio must lie in [0, 1), got {mask_ratio}')
     n_patches = grid * grid
     n_masked = int(round(n_patches * mask_ratio))
-    noise = torch.rand(batch, n_patches, device=device, generator=generator)
+    # generator only when given: torch.compile cannot trace torch.rand(..., generator=None) at a dynamic batch size
+    noise = torch.rand(batch, n_patches, device=device, **({} if generator is None else {'generator': generator}))
     ranks = noise.argsort(dim=1).argsort(dim=1)  # rank of each patch's noise value
     return (ranks < n_masked).float()
 

@@ -24,6 +24,17 @@ def test_masked_fraction_matches_ratio(ratio):
         random_patch_mask(1, 4, 1.0)
 
 
+def test_patch_mask_compiles_at_a_dynamic_batch_size():
+    # torch.compile re-traces with a symbolic batch size when the batch changes (a --compile True run's last, or
+    # the probe's batch before the run's); torch.rand(..., generator=None) could not be traced there
+    compiled = torch.compile(lambda x: random_patch_mask(x.shape[0], 3, 0.5), dynamic=True)
+    for batch in (2, 5):
+        mask = compiled(torch.zeros(batch, 1))
+        assert mask.shape == (batch, 9) and (mask.sum(1) == round(9 * 0.5)).all()
+    seeded = random_patch_mask(2, 3, 0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(seeded, random_patch_mask(2, 3, 0.5, generator=torch.Generator().manual_seed(0)))
+
+
 def test_model_masks_its_ratio():
     model = tiny(mask_ratio=0.75)
     _, pred, mask = model(torch.randn(2, 3, 64, 64))
@@ -70,7 +81,8 @@ def test_masked_pixels_do_not_reach_visible_features():
 def test_pretraining_loss_falls_and_encoder_finetunes(elpv_small, tmp_path):
     out = tmp_path / 'fcmae'
     argv = ['--pretrain', 'True', '--data_path', elpv_small, '--output_dir', out, '--model', 'convnextv2_atto',
-            '--input_size', '64', '--batch_size', '4', '--epochs', '6', '--num_workers', '0', '--lr', '2e-3', '--norm_pix_loss', 'False', '--normalize', 'imagenet',
+            '--input_size', '64', '--batch_size', '4', '--epochs', '6', '--num_workers', '0', '--lr', '2e-3',
+            '--norm_pix_loss', 'False', '--normalize', 'imagenet',
             '--warmup_epochs', '1', '--decoder_embed_dim', '64', '--drop_path', '0', '--test_val_ratio', '0.25',
             '0.25', '--seed', '0']
     cli.main([str(a) for a in argv])

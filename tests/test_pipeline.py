@@ -91,6 +91,41 @@ def test_channels_last_and_compile_fallback(monkeypatch, caplog):
     assert run_model(x).shape == (2, 2)
 
 
+def test_compile_failing_at_a_call_falls_back_to_eager_once(monkeypatch, caplog):
+    import torch._dynamo
+    from models import build_model
+    calls = []
+
+    def compiled_fails_on_batch_3(module, **kw):
+        assert kw == {'dynamic': False}  # one static graph per batch shape
+
+        def call(x):
+            calls.append(len(x))
+            if len(x) == 3:
+                raise torch._dynamo.exc.TorchRuntimeError('cannot trace this shape')
+            if len(x) == 4:
+                raise ValueError('an error of the model itself')
+            return module(x)
+        return call
+
+    monkeypatch.setattr(torch, 'compile', compiled_fails_on_batch_3)
+    args = args_for('--compile', 'True', '--channels_last', 'False', '--model', 'convnext_atto')
+    model = build_model(args).eval()
+    run_model = runtime.prepare_model(model, args, runtime.device_settings(args, torch.device('cpu')))
+    assert isinstance(run_model, runtime.CompiledModule) and calls == []  # nothing runs before the first batch
+    assert [k for k, _ in run_model.state_dict().items()] == [f'module.{k}' for k in model.state_dict()]
+    with pytest.raises(ValueError, match='the model itself'):
+        run_model(torch.randn(4, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(run_model(x), model(x)) and not run_model.failed
+        with caplog.at_level(logging.WARNING):
+            y = run_model(torch.randn(3, 3, 32, 32))
+            run_model(x)
+    assert y.shape == (3, 2) and run_model.failed and calls == [4, 2, 3]  # eager from then on
+    assert caplog.text.count('torch.compile failed (TorchRuntimeError: cannot trace this shape); running eagerly') == 1
+
+
 @pytest.mark.parametrize('mode,file_expected', [('file', True), ('memory', False), ('none', None)])
 def test_cache_modes(mode, file_expected, tmp_path):
     cache = runtime.make_cache(args_for('--cache', mode), 10, tmp_path)
