@@ -23,6 +23,12 @@ probabilities (the ``test_predictions.csv`` main.py writes beside ``metrics.json
 ensemble, Lakshminarayanan et al., NeurIPS 2017; what ``main.py --pred --several_models True`` does with the
 checkpoints) and scored like one run; the row gives the mean and spread over the ensembles and the wall time of K
 runs one after another.
+
+``--pair_with RUNS`` adds, below each set-up's row, a row of pairs: each run averaged (as above) with the run of
+the same ``--seed`` below ``RUNS``, which hold one set-up of another kind of model (e.g. the FCMAE-initialised
+ConvNeXt V2 of ``configs/elpv_ensemble_fcmae.yaml`` beside the BatchNorm runs of ``configs/elpv_ensemble.yaml``);
+its wall time is the two runs' (pretraining included). Set-ups with another test split or head than the partner's
+(a 4-class head beside a 2-class partner) get no pair row.
 """
 import argparse
 import json
@@ -40,6 +46,8 @@ PER_RUN = {'seed', 'output_dir', 'log_dir', 'log_name', 'resume', 'auto_resume',
 # Arguments of the EMA weights only: the trained weights are the same with or without them (the EMA reads the
 # model and draws no random numbers), so they define the set-up of the EMA row, not of the row of the best weights.
 EMA_ONLY = {'model_ema', 'model_ema_decay', 'model_ema_eval'}
+# What a run and its --pair_with partner must share: the test split and the head.
+PAIR_SHARED = ('data_path', 'test_val_ratio', 'split_seed', 'nb_classes')
 
 
 def read_json(path):
@@ -149,9 +157,10 @@ def mean_and_spread(scores):
     return out
 
 
-def table(records, ensemble=0):
+def table(records, ensemble=0, partners=None):
     """Group runs by set-up and summarise them; with ``ensemble`` >= 2, each set-up's row is followed by the row of
-    its ensembles of that many runs (``ensemble_row``).
+    its ensembles of that many runs (``ensemble_row``), and with ``partners`` (records of one set-up) by the row of
+    its seed-matched pairs with them (``pair_row``).
 
     Returns:
         pandas.DataFrame, one row per set-up in first-seen order: ``setup`` (the arguments that differ between
@@ -171,9 +180,9 @@ def table(records, ensemble=0):
         row.update(mean_and_spread([r['metrics'] for r in runs]))
         row['minutes'] = pd.Series([r['seconds'] for r in runs]).mean() / 60
         rows.append(row)
-        extra = ensemble_row(row, runs, ensemble) if ensemble >= 2 else None
-        if extra:
-            rows.append(extra)
+        extra = [ensemble_row(row, runs, ensemble) if ensemble >= 2 else None,
+                 pair_row(row, runs, partners) if partners else None]
+        rows += [r for r in extra if r]
     return pd.DataFrame(rows)
 
 
@@ -231,6 +240,39 @@ def ensemble_row(row, runs, size):
     return out
 
 
+def check_partners(partners, root):
+    """The partner runs of ``--pair_with``, checked to form one set-up with one run per seed.
+
+    Raises:
+        DataError: runs of several set-ups, or two runs of one seed, below ``root``.
+    """
+    if len({setup_key(r['args']) for r in partners}) > 1:
+        raise DataError(f'{root}: --pair_with needs the runs of one set-up (seeds only differing); these differ in '
+                        'more than the seed')
+    seeds = [r['args'].get('seed') for r in partners]
+    if len(set(seeds)) < len(seeds):
+        raise DataError(f'{root}: --pair_with found two runs of one seed ({sorted(seeds)})')
+    return partners
+
+
+def pair_row(row, runs, partners):
+    """The row of a set-up's runs each averaged with the partner run of its seed (module docstring), or None when
+    no seed matches or the heads differ."""
+    by_seed = {p['args'].get('seed'): p for p in partners}
+    pairs = [(r, by_seed[r['args'].get('seed')]) for r in sorted(runs, key=lambda r: r['args'].get('seed'))
+             if r['args'].get('seed') in by_seed]
+    differ = [k for k in PAIR_SHARED if runs[0]['args'].get(k) != partners[0]['args'].get(k)]
+    if not pairs or differ:
+        if pairs:
+            print(f'note: {row["setup"]}: no pairs (another {", ".join(differ)} than the runs of --pair_with)')
+        return None
+    out = {'setup': f'{row["setup"]}: paired with {partners[0]["dir"].parent}', 'runs': len(pairs),
+           'seeds': ' '.join(f'{a["args"].get("seed")}+{b["args"].get("seed")}' for a, b in pairs)}
+    out.update(mean_and_spread([ensemble_metrics([a, b]) for a, b in pairs]))
+    out['minutes'] = pd.Series([a['seconds'] + b['seconds'] for a, b in pairs]).mean() / 60
+    return out
+
+
 def markdown(df):
     """The table as markdown: ``mean ± std`` per metric (``-`` where a set-up has no such metric)."""
     metrics = [m for m in METRICS if f'{m}_mean' in df]
@@ -254,6 +296,9 @@ def get_args_parser():
                    help='CSV files this script wrote before (e.g. an older recipe): their rows follow the new ones')
     p.add_argument('--ensemble', type=int, default=0,
                    help='K >= 2: also a row of ensembles of K runs per set-up (their test probabilities averaged)')
+    p.add_argument('--pair_with', default='',
+                   help='folder of runs of one other set-up: also a row per set-up of each run averaged with the '
+                        'run of the same seed there')
     return p
 
 
@@ -286,7 +331,8 @@ def main(argv=None):
     previous = read_previous(args.previous)
     if args.ensemble == 1 or args.ensemble < 0:
         raise DataError(f'--ensemble must be 0 (none) or at least 2 runs, got {args.ensemble}')
-    df = table(collect(args.runs), args.ensemble)
+    partners = check_partners(collect([args.pair_with]), args.pair_with) if args.pair_with else None
+    df = table(collect(args.runs), args.ensemble, partners)
     if args.name:
         df['setup'] = args.name + (': ' + df['setup']).where(df['setup'] != 'all', '')
     df = pd.concat([df, *previous], ignore_index=True)

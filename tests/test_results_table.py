@@ -175,3 +175,34 @@ def test_ensembles_group_seeds_in_order_and_bad_input(tmp_path, capsys):
         results_table.main(['--runs', str(runs), '--ensemble', '4', '--out', str(tmp_path / 't.csv')])
     with pytest.raises(DataError, match='--ensemble must be 0'):
         results_table.main(['--runs', str(runs), '--ensemble', '1'])
+
+
+def test_pairs_average_each_run_with_the_partner_of_its_seed(tmp_path, capsys):
+    paths, labels = [f'/data/{k}.png' for k in range(4)], ['neg', 'pos', 'neg', 'pos']
+
+    def run_with(folder, args, p_pos, minutes=1):
+        fake_run(folder, args, {'acc': 0.5}, log_times=(60 * minutes,))
+        classes = {'p_neg': [1 - p for p in p_pos], 'p_pos': p_pos} if args.get('nb_classes', 2) == 2 else \
+            {'p_neg': [1 - p for p in p_pos], 'p_amb_neg': 0, 'p_amb_pos': 0, 'p_pos': p_pos}
+        pd.DataFrame({'path': paths, 'label': labels, **classes}).to_csv(folder / 'test_predictions.csv', index=False)
+
+    runs, partner = tmp_path / 'recipe', tmp_path / 'v2'
+    run_with(runs / 'a1', {'seed': 1, 'lr': 1e-3}, [0.6, 0.3, 0.1, 0.9])
+    run_with(runs / 'a0', {'seed': 0, 'lr': 1e-3}, [0.2, 0.4, 0.6, 0.8])
+    run_with(runs / 'a2', {'seed': 2, 'lr': 1e-3}, [0.5, 0.5, 0.5, 0.5])  # no partner of seed 2: not paired
+    run_with(runs / 'four', {'seed': 0, 'lr': 1e-3, 'nb_classes': 4}, [0.2, 0.4, 0.6, 0.8])
+    run_with(partner / 'b0', {'seed': 0, 'model': 'convnextv2_atto'}, [0.0, 0.8, 0.2, 0.6], minutes=3)
+    run_with(partner / 'b1', {'seed': 1, 'model': 'convnextv2_atto'}, [0.2, 0.9, 0.3, 0.7], minutes=3)
+    df = results_table.main(['--runs', str(runs), '--pair_with', str(partner), '--out', str(tmp_path / 't.csv')])
+    assert df['setup'].tolist() == ['nb_classes=2', f'nb_classes=2: paired with {partner}', 'nb_classes=4']
+    pair = df.iloc[1]
+    # seed 0: [0.1, 0.6, 0.4, 0.7] -> all four right; seed 1: [0.4, 0.6, 0.2, 0.8] -> all four right
+    assert pair['seeds'] == '0+0 1+1' and pair['runs'] == 2 and pair['acc_mean'] == pytest.approx(1.0)
+    assert pair['minutes'] == pytest.approx(4.0) and df.iloc[0]['runs'] == 3
+    assert 'nb_classes=4: no pairs (another nb_classes than the runs of --pair_with)' in capsys.readouterr().out
+    run_with(partner / 'b0_again', {'seed': 0, 'model': 'convnextv2_atto'}, [0.0, 0.8, 0.2, 0.6])
+    with pytest.raises(DataError, match='two runs of one seed'):
+        results_table.main(['--runs', str(runs), '--pair_with', str(partner), '--out', str(tmp_path / 't.csv')])
+    run_with(partner / 'b2', {'seed': 2, 'model': 'convnextv2_femto'}, [0.0, 0.8, 0.2, 0.6])
+    with pytest.raises(DataError, match='needs the runs of one set-up'):
+        results_table.main(['--runs', str(runs), '--pair_with', str(partner), '--out', str(tmp_path / 't.csv')])
