@@ -172,6 +172,11 @@ def settings_label(settings):
     return precision + (' channels_last' if settings.channels_last else '')
 
 
+def compile_error(e):
+    """One line naming a compile failure: ``ClassName: first line of the message`` (at most 160 characters)."""
+    return f'{e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ""}'
+
+
 def probe_compile(build, settings, batch):
     """Time ``torch.compile`` of a fresh model: the compile seconds and the step seconds eager and compiled.
 
@@ -192,7 +197,7 @@ def probe_compile(build, settings, batch):
         first_s = time.perf_counter() - t0
         compiled_s = time_step(compiled, settings, batch)
     except Exception as e:  # compiler back ends raise many kinds of errors
-        return {'error': f'{e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ""}'}
+        return {'error': compile_error(e)}
     return {'eager': round(eager_s, 4), 'compiled': round(compiled_s, 4),
             'compile': round(max(first_s - compiled_s, 0.0), 2)}
 

@@ -257,7 +257,7 @@ def check_partners(partners, root):
 
 def pair_row(row, runs, partners):
     """The row of a set-up's runs each averaged with the partner run of its seed (module docstring), or None when
-    no seed matches or the heads differ."""
+    no seed matches or the test split or head differ (``PAIR_SHARED``)."""
     by_seed = {p['args'].get('seed'): p for p in partners}
     pairs = [(r, by_seed[r['args'].get('seed')]) for r in sorted(runs, key=lambda r: r['args'].get('seed'))
              if r['args'].get('seed') in by_seed]

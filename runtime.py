@@ -19,7 +19,7 @@ from distributed import ShardSampler, init_distributed, is_distributed, main_fir
 from engine import DeviceSettings
 from labels import LABELS
 from models import build_model
-from precision import choose as choose_precision
+from precision import choose as choose_precision, compile_error
 from preprocess_data import drop_boxes, split_name
 from utils import DataError
 
@@ -199,11 +199,6 @@ class CompiledModule(torch.nn.Module):
                 self.failed = True
                 log.warning(f'--compile True: torch.compile failed ({compile_error(e)}); running eagerly')
         return self.module(*args, **kwargs)
-
-
-def compile_error(e):
-    """One line naming a compile failure: ``ClassName: first line of the message`` (at most 160 characters)."""
-    return f'{e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ""}'
 
 
 def prepare_model(model, args, dev):
