@@ -25,8 +25,8 @@ def test_masked_fraction_matches_ratio(ratio):
 
 
 def test_patch_mask_compiles_at_a_dynamic_batch_size():
-    # torch.compile re-traces with a symbolic batch size when the batch changes (a --compile True run's last, or
-    # the probe's batch before the run's); torch.rand(..., generator=None) could not be traced there
+    # torch.compile's default re-traces with a symbolic batch size when the batch changes (as the compile warm-up
+    # on a batch of 2 once made every FCMAE run do); torch.rand(..., generator=None) could not be traced there
     compiled = torch.compile(lambda x: random_patch_mask(x.shape[0], 3, 0.5), dynamic=True)
     for batch in (2, 5):
         mask = compiled(torch.zeros(batch, 1))
