@@ -170,6 +170,11 @@ def load_training_data(args, device):
                         make_loader(val_set, args, device, False) if len(val_set) else None, cache)
 
 
+def warn_eager(error):
+    """Log the one warning of a run that falls back from torch.compile to eager mode (``error``: the exception)."""
+    log.warning(f'--compile True: torch.compile failed ({compile_error(error)}); running eagerly')
+
+
 class CompiledModule(torch.nn.Module):
     """A module run through ``torch.compile`` (static shapes: one graph per batch shape), falling back to eager mode
     for the rest of the run, with one warning, when compiling fails at any call (a new batch shape included).
@@ -197,7 +202,7 @@ class CompiledModule(torch.nn.Module):
                 return self.compiled(*args, **kwargs)
             except torch._dynamo.exc.TorchDynamoException as e:
                 self.failed = True
-                log.warning(f'--compile True: torch.compile failed ({compile_error(e)}); running eagerly')
+                warn_eager(e)
         return self.module(*args, **kwargs)
 
 
@@ -223,5 +228,5 @@ def prepare_model(model, args, dev):
         try:
             run_model = CompiledModule(run_model)
         except Exception as e:  # compiler back ends raise many kinds of errors
-            log.warning(f'--compile True: torch.compile failed ({compile_error(e)}); running eagerly')
+            warn_eager(e)
     return run_model
