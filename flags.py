@@ -87,6 +87,9 @@ def add_augmentation_flags(p):
     g.add_argument('--clahe', type=float, default=0.0,
                    help='CLAHE clip limit (local contrast, e.g. 2; 0 = off), applied in training and evaluation')
     g.add_argument('--clahe_grid', type=int, default=8, help='CLAHE tiles per side')
+    g.add_argument('--blackhat', type=int, default=0,
+                   help='third input channel: morphological black-hat (thin dark lines) with a KERNEL-pixel ellipse, '
+                        'e.g. 5; 0 = off; needs --in_chans 3')
     g.add_argument('--scale', type=float, nargs=2, default=[0.8, 1.0],
                    help="RandomResizedCrop area range (timm's ImageNet 0.08 1 shrinks thin defects out of sight)")
     g.add_argument('--hflip', type=float, default=0.5)
@@ -250,6 +253,9 @@ def check_args(args):
     if not args.padding_size >= 0:
         raise DataError(f'--padding_size must be >= 0 pixels, got {args.padding_size}')
     check_input_size(args.input_size)
+    if args.blackhat and (args.blackhat < 3 or args.in_chans != 3):
+        raise DataError(f'--blackhat must be 0 (off) or >= 3 pixels with --in_chans 3, got {args.blackhat} '
+                        f'with --in_chans {args.in_chans}')
     if args.best_metric != 'last':
         try:
             check_metric_name(args.best_metric)

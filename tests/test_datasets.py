@@ -161,3 +161,30 @@ def test_local_contrast_brings_out_a_faint_line_in_training_and_evaluation():
     for bad in (['--clahe', '-1'], ['--clahe', '2', '--clahe_grid', '0']):
         with pytest.raises(DataError, match='--clahe'):
             build_transform(True, get_args_parser().parse_args(bad))
+
+
+def test_blackhat_channel_marks_thin_dark_lines_only():
+    from PIL import Image
+    from datasets import BlackHatChannel
+    from flags import check_args
+    # a bright ramp with a 2-px dark crack and a 12-px dark band (wider than the 5-px kernel)
+    arr = np.tile(np.linspace(150, 200, 64).astype(np.uint8), (64, 1))
+    arr[:, 20:22] -= 40
+    arr[:, 40:52] -= 40
+    rgb = Image.fromarray(arr).convert('RGB')
+    out = np.asarray(BlackHatChannel(5, gain=2)(rgb)).astype(int)
+    assert out.shape == (64, 64, 3) and np.array_equal(out[..., 0], arr) and np.array_equal(out[..., 1], arr)
+    line = out[..., 2]
+    assert line[:, 20:22].min() >= 70  # 2 x the ~40 levels of the crack, clipped at 255
+    assert line[:, 44:48].max() == 0 and line[:, 2:16].max() <= 2  # inside the wide band and on the ramp: nothing
+    for train in (True, False):
+        tf = build_transform(train, get_args_parser().parse_args(['--blackhat', '5', '--clahe', '2',
+                                                                   '--input_size', '32']))
+        assert 'BlackHatChannel(kernel=5' in repr(tf) and tf(rgb).shape == (3, 32, 32)
+        assert repr(tf).index('LocalContrast') < repr(tf).index('BlackHatChannel')  # on the equalised image
+    assert 'BlackHatChannel' not in repr(build_transform(False, get_args_parser().parse_args([])))
+    with pytest.raises(DataError, match='needs 3-channel input'):
+        BlackHatChannel(5)(Image.fromarray(arr))
+    for bad in (['--blackhat', '2'], ['--blackhat', '5', '--in_chans', '1']):
+        with pytest.raises(DataError, match='--blackhat must be 0'):
+            check_args(get_args_parser().parse_args(bad))

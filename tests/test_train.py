@@ -319,15 +319,17 @@ def test_batchnorm_model_trains_and_evaluates_from_its_checkpoint(elpv_small, tm
     out = tmp_path / 'bn'
     fp32 = ['--use_amp', 'False', '--channels_last', 'False']  # one precision: the probe may pick bf16 for --eval
     summary = run(train_argv(elpv_small, out, '--epochs', '1', '--norm_layer', 'batchnorm', '--global_pool', 'max',
-                             '--clahe', '2', *fp32))
-    # --eval without --norm_layer, --global_pool, --clahe rebuilds the model and its input from the checkpoint's flags
+                             '--clahe', '2', '--blackhat', '5', *fp32))
+    # --eval without --norm_layer, --global_pool, --clahe, --blackhat rebuilds the model and its input from the
+    # checkpoint's flags
     metrics = run(['--eval', 'True', '--resume', out / 'checkpoint-best.pth', '--eval_data_path', elpv_small,
                    '--output_dir', tmp_path / 'eval', '--num_workers', '0', *fp32])
     for key in ('auroc', 'brier', 'ece'):
         assert metrics[key] == pytest.approx(summary['test'][key], abs=1e-6)
-    plain = run(['--eval', 'True', '--resume', out / 'checkpoint-best.pth', '--eval_data_path', elpv_small,
-                 '--output_dir', tmp_path / 'eval_plain', '--num_workers', '0', '--clahe', '0', *fp32])
-    assert plain['brier'] != pytest.approx(summary['test']['brier'], abs=1e-6)  # the flags do change the figures
+    for flag in ('--clahe', '--blackhat'):  # the flags do change the figures
+        plain = run(['--eval', 'True', '--resume', out / 'checkpoint-best.pth', '--eval_data_path', elpv_small,
+                     '--output_dir', tmp_path / f'eval{flag}', '--num_workers', '0', flag, '0', *fp32])
+        assert plain['brier'] != pytest.approx(summary['test']['brier'], abs=1e-6)
     with pytest.raises(DataError, match='not for FCMAE pretraining'):
         run(train_argv(elpv_small, tmp_path / 'fcmae', '--pretrain', 'True', '--model', 'convnextv2_atto',
                        '--norm_layer', 'batchnorm'))
