@@ -333,9 +333,12 @@ def main(argv=None):
         raise DataError(f'--ensemble must be 0 (none) or at least 2 runs, got {args.ensemble}')
     partners = check_partners(collect([args.pair_with]), args.pair_with) if args.pair_with else None
     df = table(collect(args.runs), args.ensemble, partners)
-    if args.name:
-        df['setup'] = args.name + (': ' + df['setup']).where(df['setup'] != 'all', '')
+    if args.name:  # 'all' (one set-up) gives way to the name: 'NAME', 'NAME: ensemble of 3'
+        rest = df['setup'].str.replace(r'^all(?=$|: )', '', regex=True)
+        df['setup'] = args.name + rest.where(rest.eq('') | rest.str.startswith(': '), ': ' + rest)
     df = pd.concat([df, *previous], ignore_index=True)
+    metrics = [f'{m}_{s}' for m in METRICS for s in ('mean', 'std') if f'{m}_mean' in df]
+    df = df[['setup', 'runs', 'seeds', *metrics, 'minutes']]  # one column order, whichever table had which metric
     publish(df, markdown(df), args.out)
     return df
 

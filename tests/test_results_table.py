@@ -83,6 +83,12 @@ def test_new_rows_named_and_earlier_table_appended(tmp_path, capsys):
     assert df['setup'].tolist() == ['new: nb_classes=2', 'new: nb_classes=4', 'older']
     assert df['acc_mean'].tolist() == pytest.approx([0.85, 0.7, 0.85])
     assert '| older | 2 | 0.850 ± 0.071 | 0.500 ± 0.000 | 1.0 |' in (tmp_path / 'both.md').read_text()
+    only2 = tmp_path / 'runs2'  # new runs without a 4-class head above a table with one: the same columns
+    fake_run(only2 / 's0', {'seed': 0, 'nb_classes': 2}, {'acc': 0.6}, log_times=(60,))
+    df = results_table.main(['--runs', str(only2), '--ensemble', '2', '--name', 'two', '--previous', str(old),
+                             '--out', str(tmp_path / 'three.csv')])
+    assert df['setup'].tolist() == ['two', 'older']
+    assert (tmp_path / 'three.csv').read_text().splitlines()[0] == ','.join(pd.read_csv(old).columns)
     (tmp_path / 'bad.csv').write_text('a,b\n1,2\n')
     with pytest.raises(DataError, match='bad.csv: not a results_table.py CSV'):
         results_table.main(['--runs', str(runs), '--previous', str(tmp_path / 'bad.csv')])
@@ -200,6 +206,10 @@ def test_pairs_average_each_run_with_the_partner_of_its_seed(tmp_path, capsys):
     assert pair['seeds'] == '0+0 1+1' and pair['runs'] == 2 and pair['acc_mean'] == pytest.approx(1.0)
     assert pair['minutes'] == pytest.approx(4.0) and df.iloc[0]['runs'] == 3
     assert 'nb_classes=4: no pairs (another nb_classes than the runs of --pair_with)' in capsys.readouterr().out
+    (runs / 'four').rename(tmp_path / 'four')  # one set-up left: --name takes the place of 'all'
+    named = results_table.main(['--runs', str(runs), '--pair_with', str(partner), '--name', 'recipe',
+                                '--out', str(tmp_path / 't.csv')])
+    assert named['setup'].tolist() == ['recipe', f'recipe: paired with {partner}']
     run_with(partner / 'b0_again', {'seed': 0, 'model': 'convnextv2_atto'}, [0.0, 0.8, 0.2, 0.6])
     with pytest.raises(DataError, match='two runs of one seed'):
         results_table.main(['--runs', str(runs), '--pair_with', str(partner), '--out', str(tmp_path / 't.csv')])
