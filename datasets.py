@@ -116,13 +116,13 @@ class BlackHatChannel:
         if int(kernel) < 3 or not gain > 0:
             raise DataError(f'--blackhat must be >= 3 pixels (0 = off) and its gain > 0, got {kernel} and {gain}')
         self.kernel, self.gain = int(kernel), float(gain)
+        self.shape = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (self.kernel, self.kernel))  # a plain array
 
     def __call__(self, img):
         arr = np.asarray(img)
         if arr.ndim != 3 or arr.shape[2] != 3:
             raise DataError(f'--blackhat needs 3-channel input (--in_chans 3), got an image of shape {arr.shape}')
-        shape = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (self.kernel, self.kernel))
-        response = cv2.morphologyEx(np.ascontiguousarray(arr[..., 0]), cv2.MORPH_BLACKHAT, shape)
+        response = cv2.morphologyEx(np.ascontiguousarray(arr[..., 0]), cv2.MORPH_BLACKHAT, self.shape)
         out = arr.copy()
         out[..., 2] = cv2.convertScaleAbs(response, alpha=self.gain)
         return Image.fromarray(out)
