@@ -119,3 +119,23 @@ def test_global_pool_of_the_head(pool):
     assert not hasattr(old, 'global_pool') and build_model(old).head.global_pool.pool_type == 'avg'
     with pytest.raises(DataError, match=f'--global_pool {pool}: only timm ConvNeXt V1/V2'):
         build_model(model_args(model='convnext_isotropic_small', global_pool=pool))
+
+
+def test_weight_decay_spares_grn_norms_biases_and_layer_decay_scales_lr():
+    """V2 fine-tuning as its authors advise: GRN's gamma/beta, norms and biases get no weight decay (timm groups every
+    1-D parameter apart), and --layer_decay gives the stem a smaller learning rate than the head."""
+    from engine import build_optimizer
+    from main import get_args_parser
+    args = get_args_parser().parse_args(['--weight_decay', '0.05', '--layer_decay', '0.8', '--lr', '1e-3',
+                                         '--epochs', '2', '--warmup_epochs', '0'])
+    model = build_model(model_args(model='convnextv2_atto'))
+    optimizer, scheduler = build_optimizer(model, args, updates_per_epoch=4)
+    scheduler.step_update(num_updates=1)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g['params']}
+    names = dict(model.named_parameters())
+    grn = [n for n in names if '.grn.' in n]
+    assert len(grn) == 2 * sum(len(s.blocks) for s in model.stages)  # gamma and beta of every block
+    for name, p in names.items():
+        assert group_of[id(p)]['weight_decay'] == (0.0 if p.ndim <= 1 else 0.05), name
+    stem, head = group_of[id(names['stem.0.weight'])]['lr'], group_of[id(names['head.fc.weight'])]['lr']
+    assert 0 < stem < 0.5 * head
