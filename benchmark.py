@@ -6,13 +6,14 @@
 For one model, input size and batch size it prints training images/s in steady state (the loader's worker start-up
 and the warm-up steps lie outside the timed window), the loader's share of that time, evaluation and prediction-mode
 images/s (files in, predictions.csv and sorted copies out), the evaluation images/s of the same model exported
-to ONNX and run by onnxruntime on CPU (``onnx eval img/s``, tuned pipeline), peak resident memory, and the fraction of the machine's
-measured GEMM peak the training reaches (model FLOPs per image x images/s; 3x the forward FLOPs that torch's
-``FlopCounterMode`` counts). Each pipeline runs in its own process:
+to ONNX and run by onnxruntime on CPU (``onnx eval img/s``, tuned pipeline), peak resident memory, and the fraction
+of the machine's measured GEMM peak the training reaches (model FLOPs per image x images/s; 3x the forward FLOPs that
+torch's ``FlopCounterMode`` counts). Each pipeline runs in its own process:
 
 - tuned: this project's pipeline as main.py runs it (decode-once cache, ``--use_amp auto --channels_last auto``,
-  ``--compile auto`` decided for a training of ``--epochs`` epochs of the split; compiling happens in the warm-up).
-- plain (``--compare True``): no cache, fp32, contiguous memory.
+  ``--compile auto`` decided for a training of ``--epochs`` epochs of the split; compiling happens in the warm-up;
+  torch's fused AdamW step, ``--opt_fused True``).
+- plain (``--compare True``): no cache, fp32, contiguous memory, the per-parameter AdamW step (``--opt_fused False``).
 - timm (``--peer timm``): a training loop built from timm's public pieces as timm's train.py builds it: timm's
   ImageFolder dataset and ``create_loader`` over the same training images, ``create_model``, ``create_optimizer_v2``,
   ``torch.autocast`` and channels_last as train.py applies them, cross-entropy. It runs in the precision the same
@@ -54,7 +55,7 @@ def pipeline_args(opts, pipeline):
              '--num_workers', str(opts.num_workers), '--device', opts.device, '--data_path', opts.data_path,
              '--test_val_ratio', *map(str, opts.test_val_ratio), '--lr', '1e-3']
     if pipeline == 'plain':
-        flags += ['--cache', 'none', '--use_amp', 'False', '--channels_last', 'False']
+        flags += ['--cache', 'none', '--use_amp', 'False', '--channels_last', 'False', '--opt_fused', 'False']
     else:
         flags += ['--cache', 'memory', '--use_amp', 'auto', '--channels_last', 'auto', '--compile', str(opts.compile)]
     return cli.get_args_parser().parse_args(flags)

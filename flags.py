@@ -5,6 +5,7 @@ flags) read them from here.
 import argparse
 import importlib.util
 
+from engine import optimizer_class
 from imaging import PADDING_MODES
 from labels import check_ratio, head_classes, parse_label_list
 from metrics import check_metric_name
@@ -68,6 +69,9 @@ def add_optimisation_flags(p):
     g.add_argument('--opt', default='adamw', help='timm optimizer name')
     g.add_argument('--opt_eps', type=float, default=1e-8)
     g.add_argument('--opt_betas', type=float, nargs='+', default=None)
+    g.add_argument('--opt_fused', type=str2bool, default=True,
+                   help="torch's fused step (one kernel for all parameters) where the optimizer has one: "
+                        "Adam, AdamW, SGD")
     g.add_argument('--momentum', type=float, default=0.9)
     g.add_argument('--weight_decay', type=float, default=0.05)
     g.add_argument('--clip_grad', type=float, default=None, help='max gradient norm')
@@ -240,6 +244,7 @@ def check_args(args):
         raise DataError(str(e)) from None
     if not 0 <= args.smoothing < 1:
         raise DataError(f'--smoothing must lie in [0, 1), got {args.smoothing}')
+    optimizer_class(args.opt)
     if args.batch_size < 1 or args.epochs < 0 or args.update_freq < 1:
         raise DataError('--batch_size and --update_freq must be >= 1 and --epochs >= 0')
     if args.model_ema_eval and not args.model_ema:

@@ -78,6 +78,12 @@ def test_padding_size_accepts_a_float():
         main.check_args(main.get_args_parser().parse_args(['--padding_size', '-1']))
 
 
+def test_unknown_optimizer_is_one_line():
+    with pytest.raises(DataError, match='--opt adamx: timm has no optimizer of that name'):
+        main.check_args(main.get_args_parser().parse_args(['--opt', 'adamx']))
+    main.check_args(main.get_args_parser().parse_args(['--opt', 'lookahead_AdamW']))  # timm's prefix, any case
+
+
 def test_wandb_logs_the_tensorboard_scalars_and_checkpoints(elpv_small, tmp_path, monkeypatch):
     wandb = pytest.importorskip('wandb')
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -139,3 +139,25 @@ def test_weight_decay_spares_grn_norms_biases_and_layer_decay_scales_lr():
         assert group_of[id(p)]['weight_decay'] == (0.0 if p.ndim <= 1 else 0.05), name
     stem, head = group_of[id(names['stem.0.weight'])]['lr'], group_of[id(names['head.fc.weight'])]['lr']
     assert 0 < stem < 0.5 * head
+
+
+@pytest.mark.parametrize('opt, fused', [('adamw', True), ('sgd', True), ('lamb', None)])
+def test_fused_optimizer_step_where_torch_has_one(opt, fused):
+    """--opt_fused True (default) takes torch's fused AdamW/SGD step, which updates like the per-tensor loop of
+    --opt_fused False; optimizers without one (timm's Lamb) keep their own step."""
+    from engine import build_optimizer
+    from main import get_args_parser
+    results = {}
+    for flag in ('True', 'False'):
+        torch.manual_seed(0)
+        model = build_model(model_args(model='convnext_atto'))
+        args = get_args_parser().parse_args(['--opt', opt, '--opt_fused', flag, '--warmup_epochs', '0'])
+        optimizer, _ = build_optimizer(model, args, updates_per_epoch=4)
+        assert optimizer.defaults.get('fused') == (fused if flag == 'True' else None)
+        x = torch.randn(2, 3, 32, 32)
+        for _ in range(3):
+            model(x).logsumexp(1).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        results[flag] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.allclose(results['True'], results['False'], rtol=1e-4, atol=1e-6)
