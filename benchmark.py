@@ -57,7 +57,8 @@ def pipeline_args(opts, pipeline):
     if pipeline == 'plain':
         flags += ['--cache', 'none', '--use_amp', 'False', '--channels_last', 'False', '--opt_fused', 'False']
     else:
-        flags += ['--cache', 'memory', '--use_amp', 'auto', '--channels_last', 'auto', '--compile', str(opts.compile)]
+        flags += ['--cache', 'memory', '--use_amp', 'auto', '--channels_last', 'auto', '--compile', str(opts.compile),
+                  '--opt_fused', str(opts.opt_fused)]
     return cli.get_args_parser().parse_args(flags)
 
 
@@ -250,6 +251,7 @@ def get_args_parser():
     p.add_argument('--compile', type=str2bool_or_auto, default='auto',
                    help='tuned pipeline: torch.compile (auto: as main.py decides it for a run of --epochs epochs)')
     p.add_argument('--epochs', type=int, default=40, help='the training run --compile auto decides for')
+    p.add_argument('--opt_fused', type=str2bool, default=True, help="tuned pipeline: torch's fused AdamW step")
     p.add_argument('--compare', type=str2bool, default=False, help='also run the plain pipeline')
     p.add_argument('--peer', default='none', choices=['none', 'timm'], help="also run timm's training loop")
     p.add_argument('--pipeline', default=None, choices=['tuned', 'plain', 'timm'], help=argparse.SUPPRESS)

@@ -303,7 +303,9 @@ def slurm_executor(sweep, name, cluster=None):
 
 
 def run_sweep(sweep, dry_run=False, slurm_cluster=None, top=5):
-    """Run (or with ``dry_run`` only print) every run of a sweep; returns {name: state after the sweep}."""
+    """Run (or with ``dry_run`` only print, with each run's command line) every run of a sweep.
+
+    Returns {name: state after the sweep} ('finished', 'interrupted', 'new' or 'failed')."""
     runs = plan_runs(sweep)
     sweep_dir = sweep['sweep_dir']
     states = {r['name']: run_state(sweep_dir / 'runs' / r['name']) for r in runs}
@@ -311,6 +313,8 @@ def run_sweep(sweep, dry_run=False, slurm_cluster=None, top=5):
     print(f'sweep {sweep_dir}: {len(runs)} run(s), launcher {sweep["launcher"]}')
     for r in runs:
         print(f'  {action[states[r["name"]]]:16s} {r["name"]}')
+        if dry_run:
+            print(f'      {shlex.join(build_command(r, sweep))}')
     if dry_run:
         return states
     status_path = sweep_dir / 'status.csv'
@@ -399,7 +403,8 @@ def get_args_parser():
     p.add_argument('--slurm_cluster', default=None, help='submitit cluster: slurm (default) or local (testing)')
     p.add_argument('--metric', default=None, help='validation tag ranking the runs (default val/auroc)')
     p.add_argument('--top', type=int, default=5)
-    p.add_argument('--dry_run', type=str2bool, default=False, help='print the plan only')
+    p.add_argument('--dry_run', type=str2bool, default=False,
+                   help="print the plan only: each run's state and command line")
     return p
 
 

@@ -75,6 +75,10 @@ def test_skip_finished_record_failure_and_go_on(elpv_small, tmp_path, capsys):
     sweeps.main(argv + ['--dry_run', 'True'])
     out = capsys.readouterr().out
     assert 'skip (finished)  soft_label_ratio-0.7' in out and 'run              soft_label_ratio-1.5' in out
+    commands = [line.split() for line in out.splitlines() if 'main.py' in line]
+    assert len(commands) == 2
+    value = {flag: commands[1][commands[1].index(flag) + 1] for flag in ('--soft_label_ratio', '--output_dir')}
+    assert value == {'--soft_label_ratio': '1.5', '--output_dir': str(tmp_path / 's' / 'runs' / 'soft_label_ratio-1.5')}
     sweeps.main(argv)
     assert (run_dir / 'checkpoint-last.pth').stat().st_mtime_ns == mtime
 
