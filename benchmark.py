@@ -39,7 +39,7 @@ from models import build_model
 from precision import choose_compile
 from preprocess_data import split_name
 from softLabelLoss import SoftLabelLoss
-from utils import run_cli, str2bool, str2bool_or_auto
+from utils import DataError, run_cli, str2bool, str2bool_or_auto
 
 
 def peak_rss_mib():
@@ -259,9 +259,17 @@ def get_args_parser():
 
 
 def measure_in_child(argv, pipeline):
-    """Run one pipeline in a fresh Python process (so that its peak memory is its own); returns its figures."""
+    """Run one pipeline in a fresh Python process (so that its peak memory is its own); returns its figures.
+
+    Raises:
+        DataError: the child refused its input (its one-line ``error:`` message, e.g. a missing data folder).
+        RuntimeError: the child failed otherwise (with the end of its stderr).
+    """
     proc = subprocess.run([sys.executable, __file__, *argv, '--pipeline', pipeline], capture_output=True, text=True)
     if proc.returncode != 0:
+        last = proc.stderr.strip().splitlines()[-1:] or ['']
+        if last[0].startswith('error: '):
+            raise DataError(f'{pipeline} pipeline: {last[0][len("error: "):]}')
         raise RuntimeError(f'{pipeline} pipeline failed:\n{proc.stderr[-3000:]}')
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -273,6 +281,9 @@ def main(argv=None):
     if opts.pipeline:  # child process: one pipeline, figures as JSON on the last line
         print(json.dumps(measure_timm(opts) if opts.pipeline == 'timm' else measure(opts, opts.pipeline)))
         return None
+    if not Path(opts.data_path).is_dir():
+        raise DataError(f'{opts.data_path}: data path does not exist (python preprocess_data.py --source elpv '
+                        f'--output {opts.data_path})')
     results = {'tuned': measure_in_child(argv, 'tuned')}
     if opts.compare:
         results['plain'] = measure_in_child(argv, 'plain')

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
+import benchmark
 import load_board
 import main
 import preprocess_data
@@ -25,7 +26,7 @@ from utils import run_cli
 ENTRY = {'main': main.main,
          'preprocess': lambda argv: preprocess_data.main(preprocess_data.get_args_parser().parse_args(argv)),
          'run': run.main, 'load_board': load_board.main,
-         'results_table': results_table.main}
+         'results_table': results_table.main, 'benchmark': benchmark.main}
 
 
 def cli(entry, argv, capsys):
@@ -211,6 +212,7 @@ def test_list_csv_without_path_column(tmp_path, capsys):
     (['--model', 'resnet', '--resnet_layers', '3-3'], 'resnet_layers'),
     (['--test_val_ratio', '0.6', '0.6'], 'test_val_ratio'),
     (['--epochs', 'ten'], 'invalid int value'),
+    (['--opt', 'adamx'], '--opt adamx: timm has no optimizer of that name'),
 ])
 def test_bad_flag_values(flags, match, elpv_small, tmp_path, capsys):
     expect_error('main', train_tiny(elpv_small, tmp_path / 'o', *flags), match, capsys)
@@ -224,6 +226,13 @@ def test_data_path_is_a_file(elpv_small, tmp_path, capsys):
 def test_data_path_missing(tmp_path, capsys):
     expect_error('main', train_tiny(tmp_path / 'nowhere', tmp_path / 'o'), 'nowhere: data path does not exist',
                  capsys)
+
+
+def test_benchmark_data_path_missing_or_not_prepared(tmp_path, capsys):
+    expect_error('benchmark', ['--data_path', tmp_path / 'nowhere'], 'nowhere: data path does not exist', capsys)
+    (tmp_path / 'empty').mkdir()  # exists, but holds no list.csv: refused inside the pipeline's own process
+    expect_error('benchmark', ['--data_path', tmp_path / 'empty', '--steps', '1', '--warmup', '0'],
+                 r'^error: tuned pipeline: .*empty', capsys)
 
 
 def test_folder_of_non_images(tmp_path, capsys):
