@@ -12,7 +12,7 @@ torch's ``FlopCounterMode`` counts). Each pipeline runs in its own process:
 
 - tuned: this project's pipeline as main.py runs it (decode-once cache, ``--use_amp auto --channels_last auto``,
   ``--compile auto`` decided for a training of ``--epochs`` epochs of the split; compiling happens in the warm-up;
-  torch's fused AdamW step, ``--opt_fused True``).
+  torch's fused AdamW step, ``--opt_fused True``; freed memory reused, ``--reuse_freed_memory True``).
 - plain (``--compare True``): no cache, fp32, contiguous memory, the per-parameter AdamW step (``--opt_fused False``).
 - timm (``--peer timm``): a training loop built from timm's public pieces as timm's train.py builds it: timm's
   ImageFolder dataset and ``create_loader`` over the same training images, ``create_model``, ``create_optimizer_v2``,
@@ -55,10 +55,12 @@ def pipeline_args(opts, pipeline):
              '--num_workers', str(opts.num_workers), '--device', opts.device, '--data_path', opts.data_path,
              '--test_val_ratio', *map(str, opts.test_val_ratio), '--lr', '1e-3']
     if pipeline == 'plain':
-        flags += ['--cache', 'none', '--use_amp', 'False', '--channels_last', 'False', '--opt_fused', 'False']
+        flags += ['--cache', 'none', '--use_amp', 'False', '--channels_last', 'False', '--opt_fused', 'False',
+                  '--reuse_freed_memory', 'False']
     else:
         flags += ['--cache', 'memory', '--use_amp', 'auto', '--channels_last', 'auto', '--compile', str(opts.compile),
-                  '--opt_fused', str(opts.opt_fused)]
+                  '--opt_fused', str(opts.opt_fused),
+                  '--reuse_freed_memory', str(opts.reuse_freed_memory and pipeline == 'tuned')]
     return cli.get_args_parser().parse_args(flags)
 
 
@@ -252,6 +254,8 @@ def get_args_parser():
                    help='tuned pipeline: torch.compile (auto: as main.py decides it for a run of --epochs epochs)')
     p.add_argument('--epochs', type=int, default=40, help='the training run --compile auto decides for')
     p.add_argument('--opt_fused', type=str2bool, default=True, help="tuned pipeline: torch's fused AdamW step")
+    p.add_argument('--reuse_freed_memory', type=str2bool, default=True,
+                   help='tuned pipeline: glibc malloc keeps freed memory for reuse (runtime.reuse_freed_memory)')
     p.add_argument('--compare', type=str2bool, default=False, help='also run the plain pipeline')
     p.add_argument('--peer', default='none', choices=['none', 'timm'], help="also run timm's training loop")
     p.add_argument('--pipeline', default=None, choices=['tuned', 'plain', 'timm'], help=argparse.SUPPRESS)

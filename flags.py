@@ -175,6 +175,9 @@ def add_run_flags(p):
     g.add_argument('--amp_dtype', default='bfloat16', choices=['bfloat16', 'float16'])
     g.add_argument('--channels_last', type=str2bool_or_auto, default='auto',
                    help='NHWC memory format; auto: measured per machine with --use_amp')
+    g.add_argument('--reuse_freed_memory', type=str2bool, default=True,
+                   help='glibc malloc keeps freed blocks up to 32 MiB for reuse instead of returning them to the '
+                        'system, so each step reuses the last step\'s activation memory (no page faults)')
     g.add_argument('--compile', type=str2bool_or_auto, default='auto',
                    help='torch.compile the model (eager on failure); auto: when compile time + the run\'s steps '
                         'compiled beat the steps eager, timed once per machine (precision.choose_compile)')

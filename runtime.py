@@ -4,6 +4,8 @@ precision, data loaders, the decode-once image cache, Datasets from flags, and m
 Every function takes main.py's flags (an ``argparse.Namespace``) and turns them into objects; the rules of what the
 objects do live in the modules they come from (datasets, engine, models, distributed).
 """
+import ctypes
+import ctypes.util
 import logging
 import os
 from dataclasses import dataclass
@@ -44,17 +46,49 @@ def resolve_device(name):
     return init_distributed(name)[0]
 
 
+# glibc mallopt parameters (malloc.h) and the largest mmap threshold glibc accepts on 64-bit systems
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+MMAP_THRESHOLD_MAX = 32 << 20
+
+
+def reuse_freed_memory():
+    """Make glibc malloc keep freed memory for reuse: blocks up to 32 MiB come from the heap instead of their own
+    mmap, and freed heap memory is not handed back to the system (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD,
+    M_TOP_PAD; see mallopt(3)).
+
+    By default glibc maps every block above its (adaptive) threshold afresh and unmaps it when freed, so each
+    training step touches its activation tensors (tens of MiB at batch 32) as new pages: tens of thousands of page
+    faults per step, each a zeroed page from the kernel. PyTorch's CPU tensors use malloc, so with this call the
+    second and later steps reuse the pages of the first. The process keeps its peak heap size (as PyTorch's CUDA
+    caching allocator keeps GPU memory). Process-wide; call once before training.
+
+    Returns:
+        bool: True when all three parameters were set; False where the C library is not glibc (no mallopt, or it
+        refused a value), which changes nothing.
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6').mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX), (M_TRIM_THRESHOLD, 2 ** 31 - 1), (M_TOP_PAD, 64 << 20))
+    return all([mallopt(param, value) == 1 for param, value in settings])
+
+
 def device_settings(args, device=None, build=None):
     """``engine.DeviceSettings`` from the flags --device, --use_amp, --amp_dtype and --channels_last.
 
     ``auto`` values are decided for this machine (``precision.choose``: a timed probe of the model, remembered per
-    machine) and written back into ``args``, so that args.json and checkpoints record what the run used.
+    machine) and written back into ``args``, so that args.json and checkpoints record what the run used. With
+    --reuse_freed_memory (the default) it first calls ``reuse_freed_memory``, so the probe times what the run gets.
 
     Args:
         args: argparse.Namespace. device: torch.device already resolved (default: ``resolve_device(args.device)``).
         build: callable returning a fresh model to probe (default: the classifier of ``args``).
     """
     device = device if device is not None else resolve_device(args.device)
+    if getattr(args, 'reuse_freed_memory', False) and not reuse_freed_memory():
+        log.info('--reuse_freed_memory: not glibc malloc here, left as it is')
     build = build or (lambda: build_model(args))
     args.use_amp, args.channels_last, args.amp_dtype = choose_precision(args, device, build)
     return DeviceSettings(device, args.use_amp, args.amp_dtype, args.channels_last)
