@@ -16,7 +16,7 @@ from timm.scheduler import create_scheduler_v2
 from tqdm import tqdm
 
 from datasets import balanced_label_weights
-from distributed import all_reduce_sum, gather_predictions, is_main_process
+from distributed import all_reduce_sum, gather_predictions, is_distributed, is_main_process
 from imaging import write_image
 from labels import LABELS, defect_probability, head_classes, is_defect, label_indices
 from metrics import compute_metrics, reference_probabilities
@@ -156,6 +156,18 @@ def optimizer_step(model, optimizer, scaler=None, clip_grad=None):
     optimizer.zero_grad(set_to_none=True)
 
 
+def forward_loss(model, criterion, images, labels, targets, dev):
+    """The training loss of one batch under ``dev.autocast()``: a 0-dim float tensor with its autograd graph."""
+    with dev.autocast():
+        logits = model(images)
+    return criterion(logits, labels, targets)
+
+
+def backward(loss, scaler=None):
+    """``loss.backward()``, through the fp16 GradScaler when one is given."""
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
 def train_one_epoch(model, criterion, loader, optimizer, dev, epoch, *, lr_scheduler=None, scaler=None,
                     model_ema=None, mixup_fn=None, update_freq=1, clip_grad=None, writer=None, print_freq=20):
     """Train for one epoch.
@@ -165,7 +177,9 @@ def train_one_epoch(model, criterion, loader, optimizer, dev, epoch, *, lr_sched
     ``Mixup`` with ``multi_label=True``), are mixed with the same lambda as the images. Gradients accumulate over
     ``update_freq`` batches; the LR scheduler (timm) steps per optimizer update; EMA (timm ``ModelEmaV3``) updates
     after each optimizer step. Under torchrun, ``model`` is the DistributedDataParallel wrapper and the returned
-    loss, image and skip counts are summed over all processes.
+    loss, image and skip counts are summed over all processes. When ``model`` is a ``runtime.CompiledModule`` whose
+    backward graph fails to compile (torch compiles it at the first backward), the model falls back to eager mode and
+    the batch is computed again eagerly (one process only; under torchrun the error propagates).
 
     Args:
         dev: ``DeviceSettings`` (device, autocast, memory format). scaler: GradScaler for fp16, else None.
@@ -204,14 +218,18 @@ def train_one_epoch(model, criterion, loader, optimizer, dev, epoch, *, lr_sched
         targets = criterion.targets(labels)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
-        with dev.autocast():
-            logits = model(images)
-        loss = criterion(logits, labels, targets)
+        loss = forward_loss(model, criterion, images, labels, targets, dev)
         loss_value = check_finite_loss(loss.item(), epoch, it, optimizer.param_groups[0]['lr'])  # one sync per step
         seen += len(images)
         losses.append(loss_value)
-        scaled = loss / update_freq
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        try:
+            backward(loss / update_freq, scaler)
+        except torch._dynamo.exc.TorchDynamoException as e:  # compiling the backward graph failed
+            fall_back = getattr(model, 'fall_back', None)  # runtime.CompiledModule
+            if fall_back is None or is_distributed():  # DDP cannot run a second forward before a backward
+                raise
+            fall_back(e)
+            backward(forward_loss(model, criterion, images, labels, targets, dev) / update_freq, scaler)
         if (it + 1) % update_freq == 0 or it + 1 == n_batches:
             optimizer_step(model, optimizer, scaler, clip_grad)
             update_count += 1

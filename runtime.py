@@ -211,7 +211,8 @@ def warn_eager(error):
 
 class CompiledModule(torch.nn.Module):
     """A module run through ``torch.compile`` (static shapes: one graph per batch shape), falling back to eager mode
-    for the rest of the run, with one warning, when compiling fails at any call (a new batch shape included).
+    for the rest of the run, with one warning, when compiling fails at any call (a new batch shape included) or,
+    through ``fall_back``, in the backward graph (``engine.train_one_epoch``).
 
     Only compiler errors (``torch._dynamo.exc.TorchDynamoException``, which wraps back-end failures) fall back;
     errors of the model itself propagate. ``module`` is its only registered child: ``parameters()``,
@@ -230,13 +231,18 @@ class CompiledModule(torch.nn.Module):
         object.__setattr__(self, 'compiled', torch.compile(module, dynamic=False))  # not a second child
         self.failed = False
 
+    def fall_back(self, error):
+        """Run eagerly from now on, with the one warning naming ``error`` (the compiler's exception); training calls
+        it when the backward graph, which torch compiles at the first backward, fails."""
+        self.failed = True
+        warn_eager(error)
+
     def forward(self, *args, **kwargs):
         if not self.failed:
             try:
                 return self.compiled(*args, **kwargs)
             except torch._dynamo.exc.TorchDynamoException as e:
-                self.failed = True
-                warn_eager(e)
+                self.fall_back(e)
         return self.module(*args, **kwargs)
 
 

@@ -126,6 +126,44 @@ def test_compile_failing_at_a_call_falls_back_to_eager_once(monkeypatch, caplog)
     assert caplog.text.count('torch.compile failed (TorchRuntimeError: cannot trace this shape); running eagerly') == 1
 
 
+def test_backward_compile_failure_falls_back_and_computes_the_batch_again(monkeypatch, caplog):
+    """torch compiles the backward graph at the first backward: when that fails, training warns once, runs eagerly
+    from then on and computes the failed batch again, so the run trains as an eager one does."""
+    import torch._dynamo
+    from engine import DeviceSettings, train_one_epoch
+    from models import build_model
+    from softLabelLoss import SoftLabelLoss
+
+    class BackwardDoesNotLower(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise torch._dynamo.exc.TorchRuntimeError('backward graph does not lower')
+
+    monkeypatch.setattr(torch, 'compile', lambda module, **kw: lambda x: BackwardDoesNotLower.apply(module(x)))
+    args = args_for('--compile', 'True', '--channels_last', 'False', '--model', 'convnext_atto', '--drop_path', '0')
+    dev = DeviceSettings(torch.device('cpu'))
+    images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0, 3])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels, torch.arange(6)), batch_size=3)
+    trained, wrapped = [], None
+    for compiled in (True, False):
+        torch.manual_seed(0)
+        model = build_model(args)
+        run_model = runtime.prepare_model(model, args, dev) if compiled else model
+        wrapped = run_model if compiled else wrapped
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with caplog.at_level(logging.WARNING):
+            stats = train_one_epoch(run_model, SoftLabelLoss(2), loader, optimizer, dev, 0)
+        assert stats['updates'] == 2 and stats['images'] == 6
+        trained.append(model.state_dict())
+    assert isinstance(wrapped, runtime.CompiledModule) and wrapped.failed and caplog.text.count(
+        'torch.compile failed (TorchRuntimeError: backward graph does not lower); running eagerly') == 1
+    assert all(torch.allclose(trained[0][k], trained[1][k]) for k in trained[1])
+
+
 @pytest.mark.parametrize('mode,file_expected', [('file', True), ('memory', False), ('none', None)])
 def test_cache_modes(mode, file_expected, tmp_path):
     cache = runtime.make_cache(args_for('--cache', mode), 10, tmp_path)
