@@ -159,8 +159,9 @@ def test_norm_layer_and_roadmap_steps_are_remembered_apart():
 
 
 FAULTS = """
-import resource, sys, torch
+import ctypes, resource, sys, torch
 import runtime
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages, so faults count pages touched afresh
 if sys.argv[1] == 'True':
     assert runtime.reuse_freed_memory()
 def step():
@@ -178,15 +179,16 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
                     reason='mallopt is glibc')
 def test_reuse_freed_memory_stops_page_faults_of_later_steps():
     """runtime.reuse_freed_memory: the pages of one step's freed tensors serve the next steps; glibc's defaults
-    hand them back and fault them in again (a page fault per 4 KiB, about 131,000 for these four steps)."""
+    hand them back and fault (some of) them in again (up to a page fault per 4 KiB: 131,000 for these four steps)."""
     faults = {}
     for flag in ('False', 'True'):
         proc = subprocess.run([sys.executable, '-c', FAULTS, flag], cwd=ROOT, capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 0, proc.stderr
         faults[flag] = int(proc.stdout.split()[-1])
-    assert faults['False'] > 4 * 8 * 4096 // 2
-    assert faults['True'] < faults['False'] // 4
+    pages = 4 * 8 * 4096  # touched by the four later steps
+    assert faults['True'] < pages // 8  # about 4,096 here: the later steps reuse the first step's pages
+    assert faults['False'] > 2 * faults['True']  # 131,000 alone; about 37,000 once in a busier test session
 
 
 def test_device_settings_reuses_freed_memory_only_when_asked(monkeypatch):
