@@ -1,4 +1,5 @@
-"""--use_amp auto / --channels_last auto: the timed probe, the remembered choice, explicit flags winning."""
+"""--use_amp auto / --channels_last auto: the timed probe, the remembered choice, explicit flags winning; and
+--reuse_freed_memory."""
 import json
 import os
 import subprocess
