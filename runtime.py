@@ -88,7 +88,7 @@ def device_settings(args, device=None, build=None):
     """
     device = device if device is not None else resolve_device(args.device)
     if getattr(args, 'reuse_freed_memory', False) and not reuse_freed_memory():
-        log.info('--reuse_freed_memory: not glibc malloc here, left as it is')
+        log.info('--reuse_freed_memory: no glibc mallopt here, or it refused a value; malloc left as it is')
     build = build or (lambda: build_model(args))
     args.use_amp, args.channels_last, args.amp_dtype = choose_precision(args, device, build)
     return DeviceSettings(device, args.use_amp, args.amp_dtype, args.channels_last)
