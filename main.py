@@ -252,12 +252,13 @@ def train(args):
                     runlog.checkpoint(out / 'checkpoint-best-ema.pth', ['best-ema', f'epoch-{epoch + 1}'])
                 save_checkpoint(out / 'checkpoint-last.pth', 'classifier', model, optimizer, epoch, args, **parts)
                 best, shown = state['best_metric'], 'auroc' if args.best_metric == 'last' else args.best_metric
-                kept = 'kept: last epoch' if args.best_metric == 'last' else \
+                kept = 'kept: last epoch' if args.best_metric == 'last' or not metrics else \
                     f'best {shown} {best if best is None else round(best, 4)} (epoch {state["best_epoch"] + 1})'
                 ema = '' if not ema_metrics else \
                     f'EMA {shown} {ema_metrics.get(shown, nan):.4f} (best epoch {state["best_ema_epoch"] + 1}) | '
-                print(f'epoch {epoch + 1}/{args.epochs} loss {stats["loss"]:.4f} | val {format_metrics(metrics)} | '
-                      f'{kept} | {ema}{record["time_s"]:.0f}s', flush=True)
+                shown_val = format_metrics(metrics) or '(no split)'
+                print(f'epoch {epoch + 1}/{args.epochs} loss {stats["loss"]:.4f} | val {shown_val} | {kept} | '
+                      f'{ema}{record["time_s"]:.0f}s', flush=True)
             if args.early_stop and state['stale_epochs'] >= args.early_stop_epoch:
                 if is_main_process():
                     print(f'early stop: no better val {args.best_metric} for {args.early_stop_epoch} epochs')

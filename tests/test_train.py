@@ -169,7 +169,7 @@ def test_prediction_refuses_existing_report(trained, elpv_small, tmp_path):
     assert (tmp_path / 'p' / 'predictions.csv').read_text() == before
 
 
-def test_corrupt_training_image_skipped_and_counted(elpv_small, tmp_path):
+def test_corrupt_training_image_skipped_and_counted(elpv_small, tmp_path, capfd):
     root = tmp_path / 'data'
     shutil.copytree(elpv_small, root)
     listed = pd.read_csv(root / 'list.csv')
@@ -180,6 +180,7 @@ def test_corrupt_training_image_skipped_and_counted(elpv_small, tmp_path):
                              '--test_val_ratio', '0', '0'))
     assert summary['skipped_images'] == 2
     assert json.loads((tmp_path / 'o' / 'finished.json').read_text())['skipped_images'] == 2
+    assert 'val (no split) | kept: last epoch' in capfd.readouterr().out  # no validation split: the epoch line says so
 
 
 def test_split_seed_separate_from_training_seed(elpv_small, tmp_path):
