@@ -88,6 +88,7 @@ def check(checkpoint, output, data, limit=32):
 
 
 def get_args_parser():
+    """The argparse parser of export.py's command-line flags."""
     p = argparse.ArgumentParser('Export a checkpoint to ONNX')
     p.add_argument('--resume', required=True, help='checkpoint to export (checkpoint-best.pth)')
     p.add_argument('--output', required=True, help='ONNX file to write')

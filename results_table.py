@@ -288,6 +288,7 @@ def markdown(df):
 
 
 def get_args_parser():
+    """The argparse parser of results_table.py's command-line flags."""
     p = argparse.ArgumentParser('Test metrics of finished runs, mean and spread over seeds', add_help=True)
     p.add_argument('--runs', nargs='+', required=True, help='folders holding run folders (e.g. SWEEP/runs)')
     p.add_argument('--out', default='csv/results.csv', help='CSV written here; the markdown beside it (.md)')

@@ -238,6 +238,7 @@ class CompiledModule(torch.nn.Module):
         warn_eager(error)
 
     def forward(self, *args, **kwargs):
+        """The compiled module's output, or the eager module's once compiling has failed (one warning)."""
         if not self.failed:
             try:
                 return self.compiled(*args, **kwargs)

@@ -174,6 +174,7 @@ def create_app(predictor, max_files=16, max_bytes=20_000_000):
 
 
 def get_args_parser():
+    """The argparse parser of serve.py's command-line flags."""
     p = argparse.ArgumentParser('HTTP service: P(defect) of uploaded images')
     p.add_argument('--resume', nargs='+', required=True, help='checkpoint(s) or .onnx file (several: an ensemble)')
     p.add_argument('--host', default='127.0.0.1')

@@ -45,9 +45,13 @@ class ConvNeXtIsotropic(nn.Module):
             nn.init.zeros_(m.bias)
 
     def get_classifier(self):
+        """The classifier layer (``nn.Linear(dim, num_classes)``, or ``nn.Identity`` without classes), as timm's
+        models return it."""
         return self.head
 
     def reset_classifier(self, num_classes, global_pool=None):
+        """Replace the classifier by a new ``nn.Linear(dim, num_classes)`` (``nn.Identity`` for 0), as timm's
+        ``reset_classifier``; ``global_pool`` is accepted for that interface and ignored (the head averages)."""
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -62,6 +66,7 @@ class ConvNeXtIsotropic(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x):
+        """Images [B, C, H, W] (float, H and W multiples of 16) -> logits [B, num_classes] (float)."""
         return self.forward_head(self.forward_features(x))
 
 

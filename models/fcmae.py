@@ -83,6 +83,9 @@ class MaskedEncoder(nn.Module):
         return (x * self._keep[key],) + tuple(inputs[1:])
 
     def forward(self, x, mask):
+        """Images [B, C, H, W] (float) and a patch mask [B, (H/32)^2] (1 = masked) -> the encoder's last feature
+        map [B, dim, H/32, W/32] with the masked positions zeroed; every layer that mixes positions sees the
+        masked pixels as zeros (the sparse-convolution emulation of the ConvNeXt V2 paper, Woo et al. 2023)."""
         self._mask, self._keep = mask, {}
         try:
             features = self.encoder.forward_features(x)
@@ -138,6 +141,12 @@ class FCMAE(nn.Module):
         return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
 
     def forward(self, images, mask=None):
+        """Images [B, C, S, S] (float, S a multiple of 32) and an optional patch mask [B, (S/32)^2] (float, 1 =
+        masked; drawn at ``mask_ratio`` when None) -> (loss: float32 scalar, pred [B, (S/32)^2, 32*32*C], mask).
+
+        Raises:
+            ValueError: the images are not square with a side that is a multiple of 32.
+        """
         b, _, h, w = images.shape
         if h % self.patch_size or w % self.patch_size or h != w:
             raise ValueError(f'FCMAE needs square images with a side multiple of 32, got {h}x{w}')
