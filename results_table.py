@@ -28,7 +28,8 @@ runs one after another.
 the same ``--seed`` below ``RUNS``, which hold one set-up of another kind of model (e.g. the FCMAE-initialised
 ConvNeXt V2 of ``configs/elpv_ensemble_fcmae.yaml`` beside the BatchNorm runs of ``configs/elpv_ensemble.yaml``);
 its wall time is the two runs' (pretraining included). Set-ups with another test split or head than the partner's
-(a 4-class head beside a 2-class partner) get no pair row.
+(a 4-class head beside a 2-class partner) get no pair row; the validation fraction may differ (the test split is
+carved first).
 """
 import argparse
 import json
@@ -46,8 +47,17 @@ PER_RUN = {'seed', 'output_dir', 'log_dir', 'log_name', 'resume', 'auto_resume',
 # Arguments of the EMA weights only: the trained weights are the same with or without them (the EMA reads the
 # model and draws no random numbers), so they define the set-up of the EMA row, not of the row of the best weights.
 EMA_ONLY = {'model_ema', 'model_ema_decay', 'model_ema_eval'}
-# What a run and its --pair_with partner must share: the test split and the head.
-PAIR_SHARED = ('data_path', 'test_val_ratio', 'split_seed', 'nb_classes')
+# What a run and its --pair_with partner must share: the test split and the head. The test split is carved first
+# (preprocess_data.make_split), so it depends on the test fraction, not on the validation one: a run trained on the
+# whole rest (--test_val_ratio 0.25 0) pairs with one that kept a validation tenth (0.25 0.1).
+PAIR_SHARED = ('data_path', 'test_ratio', 'split_seed', 'nb_classes')
+
+
+def pair_arg(args, key):
+    """A run's value of one ``PAIR_SHARED`` key (``test_ratio``: the first of ``test_val_ratio``, None without)."""
+    if key == 'test_ratio':
+        return (args.get('test_val_ratio') or [None])[0]
+    return args.get(key)
 
 
 def read_json(path):
@@ -261,7 +271,7 @@ def pair_row(row, runs, partners):
     by_seed = {p['args'].get('seed'): p for p in partners}
     pairs = [(r, by_seed[r['args'].get('seed')]) for r in sorted(runs, key=lambda r: r['args'].get('seed'))
              if r['args'].get('seed') in by_seed]
-    differ = [k for k in PAIR_SHARED if runs[0]['args'].get(k) != partners[0]['args'].get(k)]
+    differ = [k for k in PAIR_SHARED if pair_arg(runs[0]['args'], k) != pair_arg(partners[0]['args'], k)]
     if not pairs or differ:
         if pairs:
             print(f'note: {row["setup"]}: no pairs (another {", ".join(differ)} than the runs of --pair_with)')

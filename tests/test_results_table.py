@@ -210,6 +210,22 @@ def test_pairs_average_each_run_with_the_partner_of_its_seed(tmp_path, capsys):
     named = results_table.main(['--runs', str(runs), '--pair_with', str(partner), '--name', 'recipe',
                                 '--out', str(tmp_path / 't.csv')])
     assert named['setup'].tolist() == ['recipe', f'recipe: paired with {partner}']
+    # the same test fraction, another validation fraction: the same test split (carved first), so still pairs
+    def set_ratio(folders, ratio):
+        for folder in folders:
+            args = json.loads((folder / 'args.json').read_text())
+            args['test_val_ratio'] = ratio
+            (folder / 'args.json').write_text(json.dumps({k: v for k, v in args.items() if v is not None}))
+
+    set_ratio([runs / 'a0', runs / 'a1', runs / 'a2'], [0.25, 0.0])
+    set_ratio([partner / 'b0', partner / 'b1'], [0.25, 0.1])
+    whole = results_table.main(['--runs', str(runs), '--pair_with', str(partner), '--out', str(tmp_path / 't.csv')])
+    assert whole.iloc[1]['seeds'] == '0+0 1+1' and whole.iloc[1]['acc_mean'] == pytest.approx(1.0)
+    set_ratio([partner / 'b0', partner / 'b1'], [0.2, 0.1])  # another test fraction: another test split
+    assert len(results_table.main(['--runs', str(runs), '--pair_with', str(partner),
+                                   '--out', str(tmp_path / 't.csv')])) == 1
+    assert 'no pairs (another test_ratio than the runs of --pair_with)' in capsys.readouterr().out
+    set_ratio([partner / 'b0', partner / 'b1'], None)  # as before: no split flags
     run_with(partner / 'b0_again', {'seed': 0, 'model': 'convnextv2_atto'}, [0.0, 0.8, 0.2, 0.6])
     with pytest.raises(DataError, match='two runs of one seed'):
         results_table.main(['--runs', str(runs), '--pair_with', str(partner), '--out', str(tmp_path / 't.csv')])
