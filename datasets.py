@@ -177,9 +177,21 @@ def available_memory():
         return 0
 
 
-def cache_side(input_size, crop_pct=1.0):
-    """Shorter side in pixels of cached images: just above what the transforms need (input_size / crop_pct + 10%)."""
-    return int(math.ceil(input_size / min(crop_pct, 1.0) * 1.1))
+def cache_side(input_size, crop_pct=1.0, min_crop_area=1.0):
+    """Shorter side in pixels of cached images: just above what the transforms need, + 10%.
+
+    Evaluation resizes to ``input_size / crop_pct``; training's RandomResizedCrop takes as little as
+    ``min_crop_area`` (the lower end of ``--scale``) of the image and resizes it to ``input_size``, so it needs a
+    shorter side of ``input_size / sqrt(min_crop_area)`` for the crop to be shrunk, never enlarged. The larger of the
+    two is kept (images smaller than that are cached as they are).
+
+    Raises:
+        ValueError: crop_pct or min_crop_area not in (0, 1] (crop_pct above 1 is taken as 1).
+    """
+    if not crop_pct > 0 or not 0 < min_crop_area <= 1:
+        raise ValueError(f'cache_side needs crop_pct > 0 and 0 < min_crop_area <= 1, got {crop_pct}, {min_crop_area}')
+    need = max(input_size / min(crop_pct, 1.0), input_size / math.sqrt(min_crop_area))
+    return int(math.ceil(need * 1.1))
 
 
 class ImageCache:

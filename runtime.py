@@ -134,8 +134,9 @@ def seed_loader(loader, seed, epoch):
 
 
 def make_cache(args, n_images, folder=None):
-    """ImageCache for --cache (None for none); its file goes into ``folder`` (a split folder's cache/) if given."""
-    side = cache_side(args.input_size, args.crop_pct)
+    """ImageCache for --cache (None for none); its file goes into ``folder`` (a split folder's cache/) if given.
+    The cached side covers evaluation (``--crop_pct``) and the smallest training crop (``--scale``)."""
+    side = cache_side(args.input_size, args.crop_pct, min(max(getattr(args, 'scale', (1.0,))[0], 1e-3), 1.0))
     mode = args.cache
     if mode == 'auto':
         mode = 'file' if cache_fits(n_images, side) else 'none'

@@ -44,6 +44,22 @@ def test_cache_decodes_once_and_again_when_a_file_changes(elpv_small, tmp_path, 
     assert third.cached[3].min() == 255 and np.array_equal(third.cached[0], first.cached[0])
 
 
+def test_cache_keeps_enough_pixels_for_the_smallest_training_crop(elpv_small):
+    # RandomResizedCrop takes as little as --scale[0] of the image's area: the cache must hold a side of at least
+    # input_size / sqrt(scale[0]) so that crop is shrunk to input_size, never enlarged (a blurred input)
+    frame = load_splits([elpv_small], (0.25, 0.25), 0)['train'].iloc[:2]
+    for scale, crop_pct in [('1', '1.0'), ('0.25', '1.0'), ('0.5', '1.0'), ('1', '0.5')]:
+        args = args_for('--scale', scale, '1', '--crop_pct', crop_pct, '--cache', 'memory')
+        cache = runtime.make_cache(args, len(frame))
+        ds = DefectDataset(frame, build_transform(True, args), cache=cache)
+        side = min(ds.cached[0].shape[:2])
+        assert side == cache.side < 300  # ELPV cells are 300 px: shrunk to the side the transforms need
+        assert side * float(scale) ** 0.5 >= 32 and side >= 32 / float(crop_pct)
+        assert side <= 1.1 * 32 / min(float(scale) ** 0.5, float(crop_pct)) + 1  # and no larger
+    with pytest.raises(ValueError, match='min_crop_area'):
+        cache_side(32, 1.0, 0.0)
+
+
 def test_cached_items_match_uncached_shapes_and_are_close(elpv_small):
     frame = load_splits([elpv_small], (0.25, 0.25), 0)['val']
     args = args_for('--crop_pct', '1.0')
