@@ -30,6 +30,7 @@ from utils import DataError, atomic_write_json
 
 log = logging.getLogger('precision')
 PROBE_STEPS = 3  # timed steps per candidate, after one untimed warm-up step
+GIVE_UP_FACTOR = 3.0  # a candidate whose warm-up step is this many times the best median is not timed on
 MIN_COMPILE_SECONDS = 30.0  # no torch.compile of a ConvNeXt finished faster than this here: shorter runs stay eager
 
 
@@ -79,12 +80,14 @@ def read_cache(path):
         return {}
 
 
-def time_step(model, settings, batch, steps=PROBE_STEPS):
+def time_step(model, settings, batch, steps=PROBE_STEPS, give_up_after=None):
     """Median seconds of one forward+backward step of ``model`` on random inputs with ``settings`` (0.0 when
     ``steps`` is 0: the untimed warm-up step only).
 
     Args:
         model: nn.Module in training mode. settings: ``engine.DeviceSettings``. batch: float32 tensor [B, C, H, W].
+        give_up_after: seconds; when the warm-up step alone takes longer, its time is returned and no step is timed
+            (a candidate that slow cannot win: bf16 without native support runs 10-15x slower than fp32).
     """
     model.to(settings.device, memory_format=settings.memory_format)
     x = settings.inputs(batch)
@@ -100,8 +103,11 @@ def time_step(model, settings, batch, steps=PROBE_STEPS):
         model.zero_grad(set_to_none=True)
         if settings.device.type == 'cuda':
             torch.cuda.synchronize(settings.device)
+        elapsed = time.perf_counter() - t0
         if i:  # the first step warms up allocators and kernels
-            times.append(time.perf_counter() - t0)
+            times.append(elapsed)
+        elif give_up_after is not None and elapsed > give_up_after:
+            return elapsed
     return sorted(times)[len(times) // 2] if times else 0.0
 
 
@@ -111,15 +117,21 @@ CANDIDATES = {'fp32': (False, False), 'fp32 channels_last': (False, True), 'bf16
 
 def probe(args, device, build):
     """Time every candidate of ``CANDIDATES`` on a fresh model from ``build()``; the RNG states are restored after.
+    A candidate whose warm-up step alone takes over ``GIVE_UP_FACTOR`` x the fastest median so far is not timed
+    further: its warm-up time stands for it.
 
     Returns:
-        dict label -> median seconds per forward+backward step.
+        dict label -> median seconds per forward+backward step (or the warm-up step's seconds, see above).
     """
+    times = {}
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         model = build().train()
         batch = torch.randn(args.batch_size, args.in_chans, args.input_size, args.input_size)
-        return {label: round(time_step(model, DeviceSettings(device, amp, 'bfloat16', cl), batch), 4)
-                for label, (amp, cl) in CANDIDATES.items()}
+        for label, (amp, cl) in CANDIDATES.items():
+            best = min(times.values(), default=None)
+            times[label] = round(time_step(model, DeviceSettings(device, amp, 'bfloat16', cl), batch,
+                                           give_up_after=None if best is None else GIVE_UP_FACTOR * best), 4)
+    return times
 
 
 def choose(args, device, build):

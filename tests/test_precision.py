@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,7 +38,7 @@ def fake_times(monkeypatch, times):
     """Make the probe measure the given seconds per (use_amp, channels_last); returns the list of probed settings."""
     probed = []
 
-    def timed(model, settings, batch, steps=precision.PROBE_STEPS):
+    def timed(model, settings, batch, steps=precision.PROBE_STEPS, give_up_after=None):
         probed.append((settings.use_amp, settings.channels_last))
         return times[(settings.use_amp, settings.channels_last)]
 
@@ -93,6 +94,33 @@ def test_real_probe_measures_and_keeps_the_rng(cache):
     times = precision.probe(flags(), torch.device('cpu'), tiny)
     assert set(times) == set(precision.CANDIDATES) and all(t > 0 for t in times.values())
     assert torch.equal(torch.get_rng_state(), before)  # a training's initialisation does not depend on the probe
+
+
+class SlowUnderAutocast(torch.nn.Module):
+    """A tiny model whose steps under CPU autocast take 0.4 s (as bf16 does on a CPU without native support)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.amp_forwards = tiny(), 0
+
+    def forward(self, x):
+        if torch.is_autocast_enabled('cpu'):
+            self.amp_forwards += 1
+            time.sleep(0.4)
+        return self.net(x)
+
+
+def test_probe_stops_timing_a_candidate_far_slower_than_the_best(cache):
+    model = SlowUnderAutocast()
+    times = precision.probe(flags(), torch.device('cpu'), lambda: model)
+    assert times['bf16'] >= 0.4 and times['bf16 channels_last'] >= 0.4 and times['fp32'] < 0.1
+    assert model.amp_forwards == 2  # one warm-up step each, none timed after it (4 steps each otherwise)
+    assert precision.choose(flags(), torch.device('cpu'), lambda: SlowUnderAutocast())[0] is False
+    # a candidate within the limit is timed in full
+    model = SlowUnderAutocast()
+    seconds = precision.time_step(model, precision.DeviceSettings(torch.device('cpu'), True, 'bfloat16', False),
+                                  torch.randn(2, 3, 32, 32), give_up_after=10.0)
+    assert model.amp_forwards == 1 + precision.PROBE_STEPS and seconds >= 0.4
 
 
 def compile_flags(**kw):
