@@ -67,7 +67,8 @@ class RandomRot90:
 class LocalContrast:
     """Contrast Limited Adaptive Histogram Equalisation (CLAHE; Zuiderveld, Graphics Gems IV, 1994; OpenCV's
     ``cv2.createCLAHE``) of a PIL image, per channel of an RGB one: thin dark lines (cracks in electroluminescence
-    images) stand out against the slow brightness changes across a cell.
+    images) stand out against the slow brightness changes across a cell. A grayscale image converted to RGB (three
+    equal channels) is equalised once and the result repeated: the same output in a third of the time.
 
     Args:
         clip_limit: contrast limit (OpenCV's clipLimit; > 0, 2 is usual).
@@ -86,9 +87,11 @@ class LocalContrast:
         # made per call (microseconds): OpenCV's CLAHE object cannot be pickled into DataLoader workers
         clahe = cv2.createCLAHE(clipLimit=self.clip_limit, tileGridSize=(self.grid, self.grid))
         arr = np.asarray(img)
-        out = clahe.apply(arr) if arr.ndim == 2 else np.dstack([clahe.apply(np.ascontiguousarray(arr[..., i]))
-                                                                  for i in range(arr.shape[2])])
-        return Image.fromarray(out)
+        if arr.ndim == 2:
+            return Image.fromarray(clahe.apply(arr))
+        if arr.shape[2] > 1 and all(np.array_equal(arr[..., 0], arr[..., i]) for i in range(1, arr.shape[2])):
+            return Image.fromarray(cv2.merge([clahe.apply(np.ascontiguousarray(arr[..., 0]))] * arr.shape[2]))
+        return Image.fromarray(np.dstack([clahe.apply(np.ascontiguousarray(arr[..., i])) for i in range(arr.shape[2])]))
 
     def __repr__(self):
         return f'LocalContrast(clip_limit={self.clip_limit}, grid={self.grid})'

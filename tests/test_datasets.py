@@ -154,6 +154,12 @@ def test_local_contrast_brings_out_a_faint_line_in_training_and_evaluation():
     assert depth(out).mean() > 2 * depth(arr.astype(int)).mean()
     rgb = np.asarray(LocalContrast(2.0, 4)(Image.fromarray(arr).convert('RGB')))
     assert rgb.shape == (64, 64, 3) and all(np.array_equal(rgb[..., c], out) for c in range(3))
+    colour = np.dstack([arr, arr[:, ::-1], np.full_like(arr, 120)])  # channels differ: each equalised on its own
+    eq = np.asarray(LocalContrast(2.0, 4)(Image.fromarray(colour)))
+    for c in range(3):
+        alone = np.asarray(LocalContrast(2.0, 4)(Image.fromarray(np.ascontiguousarray(colour[..., c]))))
+        assert np.array_equal(eq[..., c], alone)
+    assert not np.array_equal(eq[..., 1], eq[..., 0])
     for train in (True, False):
         args = get_args_parser().parse_args(['--clahe', '2', '--clahe_grid', '4', '--input_size', '32'])
         assert 'LocalContrast(clip_limit=2.0, grid=4)' in repr(build_transform(train, args))
