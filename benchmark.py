@@ -17,12 +17,19 @@ torch's ``FlopCounterMode`` counts). Each pipeline runs in its own process:
 - timm (``--peer timm``): a training loop built from timm's public pieces as timm's train.py builds it: timm's
   ImageFolder dataset and ``create_loader`` over the same training images, ``create_model``, ``create_optimizer_v2``,
   ``torch.autocast`` and channels_last as train.py applies them, cross-entropy. It runs in the precision the same
-  probe picks for the model on this machine. The last line is ``training speed vs timm: R.RRx``.
+  probe picks for the model on this machine.
+
+The pipelines' processes take turns on the machine (``interleave``): each sets up and warms up alone, then the
+``--steps`` timed steps of each run in ``--rounds`` turns, one process at a time, alternating (tuned, timm, timm,
+tuned, ...), so that the speed of a shared machine, which drifts by tens of percent within minutes, falls on all
+of them alike; then each runs its evaluation and prediction figures alone. A waiting process's loader worker may
+still prepare its next batches (two at most) during another's turn. The speed ratios are the medians of the
+rounds' ratios, printed with each round's; the last line is ``training speed vs timm: R.RRx``.
 """
 import argparse
 import json
 import resource
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -39,6 +46,7 @@ from models import build_model
 from precision import choose_compile
 from preprocess_data import split_name
 from softLabelLoss import SoftLabelLoss
+from turns import Gate, SteadyWindow, interleave, round_ratios
 from utils import DataError, run_cli, str2bool, str2bool_or_auto
 
 
@@ -62,40 +70,6 @@ def pipeline_args(opts, pipeline):
                   '--opt_fused', str(opts.opt_fused),
                   '--reuse_freed_memory', str(opts.reuse_freed_memory and pipeline == 'tuned')]
     return cli.get_args_parser().parse_args(flags)
-
-
-class SteadyWindow:
-    """A DataLoader whose timed window opens when batch number ``warmup`` is handed out and closes when the loader is
-    exhausted, so that worker start-up and warm-up steps stay outside it.
-
-    Args:
-        loader: torch DataLoader. warmup: int, untimed batches first. device: torch.device (CUDA is synchronised at
-            both ends of the window).
-    """
-
-    def __init__(self, loader, warmup, device):
-        self.loader, self.warmup, self.device = loader, warmup, device
-        self.batch_size, self.drop_last, self.sampler = loader.batch_size, loader.drop_last, loader.sampler
-        self.start = self.stop = None
-
-    def __len__(self):
-        return len(self.loader)
-
-    def _now(self):
-        if self.device.type == 'cuda':
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            if i == self.warmup:
-                self.start = self._now()
-            yield batch
-        self.stop = self._now()
-
-    def images_per_second(self, steps):
-        """Images per second over the timed window of ``steps`` batches."""
-        return steps * self.batch_size / (self.stop - self.start)
 
 
 def train_flops_per_image(model, args, device):
@@ -136,8 +110,8 @@ def training_images(opts, args):
 def measure(opts, pipeline):
     """Figures of the tuned or plain pipeline: dict of images/s, loader share, GEMM-peak fraction, memory."""
     args = pipeline_args(opts, pipeline)
+    splits, frame = training_images(opts, args)  # bad data is refused before the precision probe
     dev = runtime.device_settings(args)
-    splits, frame = training_images(opts, args)
     cache = runtime.make_cache(args, len(frame) + len(splits['test'])) if pipeline == 'tuned' else None
     train_set = runtime.make_dataset(frame, args, True, cache)
     eval_set = runtime.make_dataset(splits['test'], args, False, cache)
@@ -148,10 +122,13 @@ def measure(opts, pipeline):
     run_model = runtime.prepare_model(model, args, dev)
     optimizer, lr_scheduler = build_optimizer(model, args, len(train_set) // args.batch_size)
     criterion = SoftLabelLoss(args.nb_classes).to(dev.device)
-    loader = SteadyWindow(runtime.make_loader(train_set, args, dev.device, True), opts.warmup, dev.device)
-    stats = train_one_epoch(run_model, criterion, loader, optimizer, dev, 0, lr_scheduler=lr_scheduler)
-    out = {'train img/s': loader.images_per_second(opts.steps),
-           'loader share': stats['data_time'] / (loader.stop - loader.start + 1e-9)}
+    gate = Gate(opts.report_fd)
+    loader = SteadyWindow(runtime.make_loader(train_set, args, dev.device, True), opts.warmup, dev.device,
+                          opts.steps // opts.rounds, gate)
+    train_one_epoch(run_model, criterion, loader, optimizer, dev, 0, lr_scheduler=lr_scheduler)
+    gate.wait()  # the rest runs alone
+    out = {'train img/s': loader.images_per_second(opts.steps), 'turns s': loader.turns,
+           'loader share': loader.loader_share()}
     out['GEMM peak share'] = flops * out['train img/s'] / gemm_peak(dev.device, dev.use_amp)
     out['precision'] = dev_label(dev) + (' compiled' if args.compile else '')
 
@@ -199,8 +176,8 @@ def measure_timm(opts):
     from timm.data import create_dataset, create_loader
     from timm.optim import create_optimizer_v2
     args = pipeline_args(opts, 'timm')
-    dev = runtime.device_settings(args)  # the same probe decides the peer's precision and memory format
     _, frame = training_images(opts, args)
+    dev = runtime.device_settings(args)  # the same probe decides the peer's precision and memory format
     with tempfile.TemporaryDirectory() as tmp:
         for i, (path, label) in enumerate(zip(frame['path'], frame['label'])):  # an ImageFolder tree of links
             link = Path(tmp) / label / f'{i:06d}{Path(path).suffix}'
@@ -218,7 +195,8 @@ def measure_timm(opts):
         model.to(dev.device, memory_format=dev.memory_format)
         optimizer = create_optimizer_v2(model, opt='adamw', lr=args.lr, weight_decay=args.weight_decay)
         loss_fn = torch.nn.CrossEntropyLoss()
-        window = SteadyWindow(loader, opts.warmup, dev.device)
+        gate = Gate(opts.report_fd)
+        window = SteadyWindow(loader, opts.warmup, dev.device, opts.steps // opts.rounds, gate)
         model.train()
         for images, target in window:
             images = images.to(dev.device).contiguous(memory_format=dev.memory_format)
@@ -228,8 +206,10 @@ def measure_timm(opts):
             loss.backward()
             optimizer.step()
             loss.item()  # timm's train.py reads the loss every step too
+        gate.wait()  # the rest runs alone
     rate = window.images_per_second(opts.steps)
-    return {'train img/s': rate, 'precision': dev_label(dev),
+    return {'train img/s': rate, 'turns s': window.turns, 'precision': dev_label(dev),
+            'loader share': window.loader_share(),
             'GEMM peak share': flops * rate / gemm_peak(dev.device, dev.use_amp)}
 
 
@@ -246,7 +226,9 @@ def get_args_parser():
     p.add_argument('--model', default='convnext_atto')
     p.add_argument('--input_size', type=int, default=224)
     p.add_argument('--batch_size', type=int, default=32)
-    p.add_argument('--steps', type=int, default=10, help='timed training steps')
+    p.add_argument('--steps', type=int, default=20, help='timed training steps of each pipeline')
+    p.add_argument('--rounds', type=int, default=4,
+                   help='the timed steps run in this many turns, the pipelines taking turns on the machine')
     p.add_argument('--warmup', type=int, default=3, help='untimed training steps first (worker start-up included)')
     p.add_argument('--num_workers', type=int, default=-1)
     p.add_argument('--device', default='auto')
@@ -259,23 +241,8 @@ def get_args_parser():
     p.add_argument('--compare', type=str2bool, default=False, help='also run the plain pipeline')
     p.add_argument('--peer', default='none', choices=['none', 'timm'], help="also run timm's training loop")
     p.add_argument('--pipeline', default=None, choices=['tuned', 'plain', 'timm'], help=argparse.SUPPRESS)
+    p.add_argument('--report_fd', type=int, default=None, help=argparse.SUPPRESS)
     return p
-
-
-def measure_in_child(argv, pipeline):
-    """Run one pipeline in a fresh Python process (so that its peak memory is its own); returns its figures.
-
-    Raises:
-        DataError: the child refused its input (its one-line ``error:`` message, e.g. a missing data folder).
-        RuntimeError: the child failed otherwise (with the end of its stderr).
-    """
-    proc = subprocess.run([sys.executable, __file__, *argv, '--pipeline', pipeline], capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = proc.stderr.strip().splitlines()[-1:] or ['']
-        if last[0].startswith('error: '):
-            raise DataError(f'{pipeline} pipeline: {last[0][len("error: "):]}')
-        raise RuntimeError(f'{pipeline} pipeline failed:\n{proc.stderr[-3000:]}')
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
@@ -288,24 +255,28 @@ def main(argv=None):
     if not Path(opts.data_path).is_dir():
         raise DataError(f'{opts.data_path}: data path does not exist (python preprocess_data.py --source elpv '
                         f'--output {opts.data_path})')
-    results = {'tuned': measure_in_child(argv, 'tuned')}
-    if opts.compare:
-        results['plain'] = measure_in_child(argv, 'plain')
-    if opts.peer == 'timm':
-        results['timm'] = measure_in_child(argv, 'timm')
+    if opts.rounds < 1 or opts.steps < opts.rounds or opts.steps % opts.rounds:
+        raise DataError(f'--steps {opts.steps} must be a multiple of --rounds {opts.rounds} (both at least 1)')
+    pipelines = ['tuned'] + ['plain'] * opts.compare + ['timm'] * (opts.peer == 'timm')
+    results = interleave({p: [sys.executable, __file__, *argv, '--pipeline', p] for p in pipelines}, opts.rounds)
     keys = ['train img/s', 'loader share', 'GEMM peak share', 'eval img/s', 'onnx eval img/s', 'predict img/s',
             'peak RSS MiB']
     device = runtime.resolve_device(opts.device)
     print(f'\n{opts.model} {opts.input_size} px, batch {opts.batch_size}, {opts.steps} timed steps after '
-          f'{opts.warmup}, {device}, {torch.get_num_threads()} threads, torch {torch.__version__}')
+          f'{opts.warmup} in {opts.rounds} interleaved turns, {device}, {torch.get_num_threads()} threads, '
+          f'torch {torch.__version__}')
     print(f'{"":16s}' + ''.join(f'{k:>20s}' for k in results))
     print(f'{"precision":16s}' + ''.join(f'{r["precision"]:>20s}' for r in results.values()))
     for k in keys:
         print(f'{k:16s}' + ''.join(f'{r[k]:20.2f}' if k in r else f'{"-":>20s}' for r in results.values()))
     for other in ('plain', 'timm'):
         if other in results:
-            name = 'training speed vs timm' if other == 'timm' else 'training speed vs plain'
-            print(f'{name}: {results["tuned"]["train img/s"] / results[other]["train img/s"]:.2f}x')
+            ratios = round_ratios(results['tuned']['turns s'], results[other]['turns s'])
+            print(f'training speed vs {other} in each round: ' + ' '.join(f'{r:.2f}x' for r in ratios))
+    for other in ('plain', 'timm'):
+        if other in results:  # the median over the rounds: one disturbed turn does not move it
+            ratio = statistics.median(round_ratios(results['tuned']['turns s'], results[other]['turns s']))
+            print(f'training speed vs {other}: {ratio:.2f}x')
     return results
 
 

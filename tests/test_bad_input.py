@@ -231,8 +231,10 @@ def test_data_path_missing(tmp_path, capsys):
 def test_benchmark_data_path_missing_or_not_prepared(tmp_path, capsys):
     expect_error('benchmark', ['--data_path', tmp_path / 'nowhere'], 'nowhere: data path does not exist', capsys)
     (tmp_path / 'empty').mkdir()  # exists, but holds no list.csv: refused inside the pipeline's own process
-    expect_error('benchmark', ['--data_path', tmp_path / 'empty', '--steps', '1', '--warmup', '0'],
+    expect_error('benchmark', ['--data_path', tmp_path / 'empty', '--steps', '1', '--rounds', '1', '--warmup', '0'],
                  r'^error: tuned pipeline: .*empty', capsys)
+    expect_error('benchmark', ['--data_path', tmp_path / 'empty', '--steps', '3', '--rounds', '2'],
+                 'steps 3 must be a multiple of --rounds 2', capsys)
 
 
 def test_folder_of_non_images(tmp_path, capsys):

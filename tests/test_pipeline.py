@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -223,14 +224,56 @@ def test_tta_averages_the_eight_symmetries_or_the_four_flips():
 def test_benchmark_window_leaves_warmup_out():
     import time
     from torch.utils.data import DataLoader, TensorDataset
-    from benchmark import SteadyWindow
+    from turns import SteadyWindow
     loader = DataLoader(TensorDataset(torch.zeros(20, 1)), batch_size=4, drop_last=True)
     window = SteadyWindow(loader, warmup=2, device=torch.device('cpu'))
     assert len(window) == 5 and window.batch_size == 4
     for i, _ in enumerate(window):
         time.sleep(0.3 if i < 2 else 0.02)  # slow warm-up steps, then 3 fast timed ones
     rate = window.images_per_second(3)
+    assert len(window.turns) == 1  # no turns asked for: one window
     assert 3 * 4 / (3 * 0.02 + 0.05) < rate <= 3 * 4 / (3 * 0.02)  # the 0.6 s of warm-up are not in the window
+    assert 0 <= window.loader_share() < 0.5
+
+
+BENCH_CHILD = """
+import json, sys, time
+if sys.argv[1] == 'fail':
+    sys.exit('error: no images here')
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+sys.path.insert(0, {root!r})
+from turns import Gate, SteadyWindow
+gate = Gate(int(sys.argv[sys.argv.index('--report_fd') + 1]))
+window = SteadyWindow(DataLoader(TensorDataset(torch.zeros(7, 1))), 1, torch.device('cpu'), 2, gate)
+spans = []
+for i, _ in enumerate(window):
+    start = time.time()
+    time.sleep(float(sys.argv[1]))
+    spans.append((start, time.time()))
+gate.wait()
+print(json.dumps({{'turns s': window.turns, 'spans': spans[1:]}}))
+"""
+
+
+def test_benchmark_pipelines_take_turns(tmp_path):
+    import sys
+    from turns import interleave, round_ratios
+    from utils import DataError
+    script = tmp_path / 'child.py'
+    script.write_text(BENCH_CHILD.format(root=str(Path(__file__).resolve().parents[1])))
+    child = lambda arg: [sys.executable, str(script), arg]
+    out = interleave({'fast': child('0.02'), 'slow': child('0.06')}, rounds=3)  # 7 batches: 1 warm-up, 3 turns of 2
+    fast, slow = out['fast'], out['slow']
+    assert len(fast['turns s']) == len(slow['turns s']) == 3 and len(fast['spans']) == 6
+    assert all(2.0 < r < 3.5 for r in round_ratios(fast['turns s'], slow['turns s']))  # 0.12 s against 0.04 s
+    # never both at once, and the order alternates: fast, slow | slow, fast | fast, slow
+    turns = sorted([(s[0][0], s[1][1], 'fast') for s in zip(fast['spans'][::2], fast['spans'][1::2])] +
+                   [(s[0][0], s[1][1], 'slow') for s in zip(slow['spans'][::2], slow['spans'][1::2])])
+    assert all(a[1] <= b[0] for a, b in zip(turns, turns[1:]))
+    assert [t[2] for t in turns] == ['fast', 'slow', 'slow', 'fast', 'fast', 'slow']
+    with pytest.raises(DataError, match='^broken pipeline: no images here$'):
+        interleave({'broken': child('fail'), 'fast': child('0.02')}, rounds=3)  # the second never starts
 
 
 def test_forged_cache_file_never_runs_and_is_rebuilt(elpv_small, tmp_path, caplog):
