@@ -6,6 +6,7 @@ settings, threads and loader workers) and the processes take turns: the parent (
 turn of a few steps while the others wait at their ``Gate``, alternating the order every round. ``SteadyWindow``
 times a loader's batches in such turns, after untimed warm-up batches.
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -168,7 +169,8 @@ class Child:
             self.proc.kill()
             self.proc.wait()
         for f in (self.reports, self.out, self.err, self.proc.stdin):
-            f.close()
+            with contextlib.suppress(OSError):  # a pipe to a process that died may refuse its last flush
+                f.close()
 
 
 def interleave(commands, rounds):
