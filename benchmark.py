@@ -269,14 +269,12 @@ def main(argv=None):
     print(f'{"precision":16s}' + ''.join(f'{r["precision"]:>20s}' for r in results.values()))
     for k in keys:
         print(f'{k:16s}' + ''.join(f'{r[k]:20.2f}' if k in r else f'{"-":>20s}' for r in results.values()))
-    for other in ('plain', 'timm'):
-        if other in results:
-            ratios = round_ratios(results['tuned']['turns s'], results[other]['turns s'])
-            print(f'training speed vs {other} in each round: ' + ' '.join(f'{r:.2f}x' for r in ratios))
-    for other in ('plain', 'timm'):
-        if other in results:  # the median over the rounds: one disturbed turn does not move it
-            ratio = statistics.median(round_ratios(results['tuned']['turns s'], results[other]['turns s']))
-            print(f'training speed vs {other}: {ratio:.2f}x')
+    ratios = {other: round_ratios(results['tuned']['turns s'], results[other]['turns s'])
+              for other in ('plain', 'timm') if other in results}
+    for other, rounds in ratios.items():
+        print(f'training speed vs {other} in each round: ' + ' '.join(f'{r:.2f}x' for r in rounds))
+    for other, rounds in ratios.items():  # the median over the rounds: one disturbed turn does not move it
+        print(f'training speed vs {other}: {statistics.median(rounds):.2f}x')
     return results
 
 
