@@ -27,6 +27,9 @@ from utils import DataError, atomic_write_csv, atomic_write_json, check_finite_l
 log = logging.getLogger('engine')
 
 
+EVAL_BATCH_FACTOR = 2  # evaluation and prediction loaders take batches this many times the training batch
+
+
 @dataclass(frozen=True)
 class DeviceSettings:
     """Where and in what precision a model runs: the settings that travel together through every loop.
@@ -486,6 +489,6 @@ def format_metrics(metrics, keys=('acc', 'auroc', 'f1', 'ece', 'brier', 'acc4'))
     return ' '.join(f'{k} {metrics[k]:.4f}' for k in keys if k in metrics)
 
 
-__all__ = ['DeviceSettings', 'build_loss', 'build_optimizer', 'dihedral_views', 'evaluate', 'format_metrics',
-           'frame_metrics', 'optimizer_class', 'optimizer_step', 'predict_probs', 'prediction_table',
+__all__ = ['EVAL_BATCH_FACTOR', 'DeviceSettings', 'build_loss', 'build_optimizer', 'dihedral_views', 'evaluate',
+           'format_metrics', 'frame_metrics', 'optimizer_class', 'optimizer_step', 'predict_probs', 'prediction_table',
            'save_predictions', 'train_one_epoch', 'tta_mode', 'write_prediction_report']

@@ -5,7 +5,9 @@ Whether bf16 autocast and channels_last make a ConvNeXt training step faster dep
 the choice is measured: a few forward+backward steps of the actual model at the actual input size and batch, for
 each candidate the flags leave open, and the fastest wins. The answer is remembered per machine, torch version,
 model, input size, batch and channels in a JSON file (``$CONVNEXT_PRECISION_CACHE``, default
-``~/.cache/convnext_softlabel/precision.json``), so later runs skip the probe. On CUDA no probe is needed: autocast
+``~/.cache/convnext_softlabel/precision.json``), so later runs skip the probe. Evaluation and prediction
+(``main.py --eval/--pred``, ``predict.Predictor``, ``serve.py``) are decided by forward passes alone, under
+``torch.inference_mode`` at the evaluation batch, and remembered apart. On CUDA no probe is needed: autocast
 in bf16 where the GPU supports it, else fp16 with a gradient scaler, and channels_last.
 
 ``--compile auto`` is decided the same way, over the whole run: ``torch.compile`` costs its compile time once and
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 
 from distributed import broadcast_object, is_main_process
-from engine import DeviceSettings
+from engine import EVAL_BATCH_FACTOR, DeviceSettings
 from models import resnet_roadmap
 from utils import DataError, atomic_write_json
 
@@ -59,16 +61,18 @@ def machine_name(device):
     return f'{model} [{extras or "no avx512"}] x{cores} threads {torch.get_num_threads()}'
 
 
-def probe_key(device, args):
+def probe_key(device, args, inference=False):
     """The key a choice is remembered under: machine, torch version, model (with its norm layer and roadmap flags),
-    input size, batch and channels."""
+    input size, batch and channels; for ``inference`` (evaluation and prediction) the evaluation batch
+    (``EVAL_BATCH_FACTOR`` x the training batch) and the word ``inference``."""
     model = f'fcmae {args.model}' if getattr(args, 'pretrain', False) else args.model
     if getattr(args, 'norm_layer', 'layernorm') != 'layernorm':
         model += f' {args.norm_layer}'
     if args.model == 'resnet':  # the roadmap's steps are different networks
         model += ' ' + ' '.join(f'{k}={getattr(args, k, None)}' for k in resnet_roadmap.ROADMAP_FLAGS)
+    batch = args.batch_size * EVAL_BATCH_FACTOR if inference else args.batch_size
     return (f'{machine_name(device)} | torch {torch.__version__} | {model} | {args.input_size}px | '
-            f'batch {args.batch_size} | {args.in_chans}ch')
+            f'batch {batch} | {args.in_chans}ch' + (' | inference' if inference else ''))
 
 
 def read_cache(path):
@@ -80,12 +84,14 @@ def read_cache(path):
         return {}
 
 
-def time_step(model, settings, batch, steps=PROBE_STEPS, give_up_after=None):
+def time_step(model, settings, batch, steps=PROBE_STEPS, give_up_after=None, train=True):
     """Median seconds of one forward+backward step of ``model`` on random inputs with ``settings`` (0.0 when
-    ``steps`` is 0: the untimed warm-up step only).
+    ``steps`` is 0: the untimed warm-up step only); with ``train=False`` of one forward pass under
+    ``torch.inference_mode`` (what evaluation and prediction run).
 
     Args:
-        model: nn.Module in training mode. settings: ``engine.DeviceSettings``. batch: float32 tensor [B, C, H, W].
+        model: nn.Module (in training mode for ``train``, else in eval mode). settings: ``engine.DeviceSettings``.
+        batch: float32 tensor [B, C, H, W].
         give_up_after: seconds; when the warm-up step alone takes longer, its time is returned and no step is timed
             (a candidate that slow cannot win: bf16 without native support runs 10-15x slower than fp32).
     """
@@ -96,11 +102,15 @@ def time_step(model, settings, batch, steps=PROBE_STEPS, give_up_after=None):
         if settings.device.type == 'cuda':
             torch.cuda.synchronize(settings.device)
         t0 = time.perf_counter()
-        with settings.autocast():
-            out = model(x)
-        loss = out[0] if isinstance(out, tuple) else out.float().logsumexp(-1).mean()  # FCMAE returns its loss
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+        if train:
+            with settings.autocast():
+                out = model(x)
+            loss = out[0] if isinstance(out, tuple) else out.float().logsumexp(-1).mean()  # FCMAE returns its loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.inference_mode(), settings.autocast():
+                model(x)
         if settings.device.type == 'cuda':
             torch.cuda.synchronize(settings.device)
         elapsed = time.perf_counter() - t0
@@ -115,31 +125,37 @@ CANDIDATES = {'fp32': (False, False), 'fp32 channels_last': (False, True), 'bf16
               'bf16 channels_last': (True, True)}  # label -> (use_amp, channels_last)
 
 
-def probe(args, device, build):
+def probe(args, device, build, inference=False):
     """Time every candidate of ``CANDIDATES`` on a fresh model from ``build()``; the RNG states are restored after.
     A candidate whose warm-up step alone takes over ``GIVE_UP_FACTOR`` x the fastest median so far is not timed
-    further: its warm-up time stands for it.
+    further: its warm-up time stands for it. With ``inference`` the model is in eval mode and only forward passes
+    of the evaluation batch (``EVAL_BATCH_FACTOR`` x ``args.batch_size``) are timed.
 
     Returns:
-        dict label -> median seconds per forward+backward step (or the warm-up step's seconds, see above).
+        dict label -> median seconds per forward+backward step, or per forward pass for ``inference`` (or the
+        warm-up step's seconds, see above).
     """
     times = {}
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-        model = build().train()
-        batch = torch.randn(args.batch_size, args.in_chans, args.input_size, args.input_size)
+        model = build().train(not inference)
+        batch = torch.randn(args.batch_size * (EVAL_BATCH_FACTOR if inference else 1), args.in_chans,
+                            args.input_size, args.input_size)
         for label, (amp, cl) in CANDIDATES.items():
             best = min(times.values(), default=None)
             times[label] = round(time_step(model, DeviceSettings(device, amp, 'bfloat16', cl), batch,
-                                           give_up_after=None if best is None else GIVE_UP_FACTOR * best), 4)
+                                           give_up_after=None if best is None else GIVE_UP_FACTOR * best,
+                                           train=not inference), 4)
     return times
 
 
-def choose(args, device, build):
+def choose(args, device, build, inference=False):
     """Resolve ``--use_amp auto`` and ``--channels_last auto`` for this machine; explicit True/False win.
 
     Args:
         args: argparse.Namespace with use_amp and channels_last (bool or 'auto'), amp_dtype, model, input_size,
             batch_size, in_chans. device: torch.device. build: callable returning a fresh model to probe.
+        inference: choose for evaluation and prediction (forward passes of the evaluation batch, see ``probe``),
+            remembered apart from the training choice.
 
     Returns:
         (use_amp: bool, channels_last: bool, amp_dtype: str).
@@ -157,15 +173,16 @@ def choose(args, device, build):
         return (True if amp == 'auto' else amp), (True if cl == 'auto' else cl), amp_dtype
     if 'auto' not in (amp, cl):
         return amp, cl, amp_dtype
-    key, path, step_s = probe_key(device, args), cache_path(), None
+    key, path, step_s = probe_key(device, args, inference), cache_path(), None
     if is_main_process():
         step_s = read_cache(path).get(key)
         if isinstance(step_s, dict) and set(step_s) == set(CANDIDATES) and \
                 all(isinstance(t, (int, float)) and t > 0 for t in step_s.values()):
             log.info(f'precision from {path}: measured seconds per step {step_s}')
         else:
-            step_s = probe(args, device, build)
-            log.info(f'precision probe ({PROBE_STEPS} forward+backward steps each), seconds per step: {step_s}')
+            step_s = probe(args, device, build, inference)
+            log.info(f'precision probe ({PROBE_STEPS} {"forward passes" if inference else "forward+backward steps"} '
+                     f'each), seconds per step: {step_s}')
             try:
                 atomic_write_json({**read_cache(path), key: step_s}, path)
             except OSError as e:

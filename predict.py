@@ -97,7 +97,7 @@ def load_member(path, args, explicit, device):
         dev = DeviceSettings(torch.device('cpu'), False, 'bfloat16', False)
         return Member(str(path), run_args, dev, model)
     model, run_args = load_for_inference(path, args, explicit)
-    dev = device_settings(run_args, device)
+    dev = device_settings(run_args, device, inference=True)
     return Member(str(path), run_args, dev, prepare_model(model, run_args, dev))
 
 

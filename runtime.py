@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from datasets import (DefectDataset, ImageCache, build_transform, cache_fits, cache_side, collate_skip,
                       is_split_folder, label_counts, load_splits, upsample)
 from distributed import ShardSampler, init_distributed, is_distributed, main_first, world_size
-from engine import DeviceSettings
+from engine import EVAL_BATCH_FACTOR, DeviceSettings
 from labels import LABELS
 from models import build_model
 from precision import choose as choose_precision, compile_error
@@ -75,7 +75,7 @@ def reuse_freed_memory():
     return all([mallopt(param, value) == 1 for param, value in settings])
 
 
-def device_settings(args, device=None, build=None):
+def device_settings(args, device=None, build=None, inference=False):
     """``engine.DeviceSettings`` from the flags --device, --use_amp, --amp_dtype and --channels_last.
 
     ``auto`` values are decided for this machine (``precision.choose``: a timed probe of the model, remembered per
@@ -85,12 +85,13 @@ def device_settings(args, device=None, build=None):
     Args:
         args: argparse.Namespace. device: torch.device already resolved (default: ``resolve_device(args.device)``).
         build: callable returning a fresh model to probe (default: the classifier of ``args``).
+        inference: decide for evaluation and prediction (the probe times forward passes; ``precision.choose``).
     """
     device = device if device is not None else resolve_device(args.device)
     if getattr(args, 'reuse_freed_memory', False) and not reuse_freed_memory():
         log.info('--reuse_freed_memory: no glibc mallopt here, or it refused a value; malloc left as it is')
     build = build or (lambda: build_model(args))
-    args.use_amp, args.channels_last, args.amp_dtype = choose_precision(args, device, build)
+    args.use_amp, args.channels_last, args.amp_dtype = choose_precision(args, device, build, inference)
     return DeviceSettings(device, args.use_amp, args.amp_dtype, args.channels_last)
 
 
@@ -117,7 +118,7 @@ def make_loader(dataset, args, device, train):
     elif train:
         generator = torch.Generator()
         generator.manual_seed(args.seed)
-    return DataLoader(dataset, batch_size=args.batch_size if train else args.batch_size * 2,
+    return DataLoader(dataset, batch_size=args.batch_size if train else args.batch_size * EVAL_BATCH_FACTOR,
                       shuffle=train and sampler is None, sampler=sampler,
                       drop_last=train and len(dataset) > args.batch_size, num_workers=workers,
                       pin_memory=args.pin_mem and device.type == 'cuda', collate_fn=collate_skip,

@@ -35,12 +35,14 @@ def cache(tmp_path, monkeypatch):
 
 
 def fake_times(monkeypatch, times):
-    """Make the probe measure the given seconds per (use_amp, channels_last); returns the list of probed settings."""
+    """Make the probe measure the given seconds per (use_amp, channels_last) or (use_amp, channels_last, train);
+    returns the list of probed settings."""
     probed = []
 
-    def timed(model, settings, batch, steps=precision.PROBE_STEPS, give_up_after=None):
-        probed.append((settings.use_amp, settings.channels_last))
-        return times[(settings.use_amp, settings.channels_last)]
+    def timed(model, settings, batch, steps=precision.PROBE_STEPS, give_up_after=None, train=True):
+        key = (settings.use_amp, settings.channels_last)
+        probed.append(key)
+        return times[key + (train,)] if key + (train,) in times else times[key]
 
     monkeypatch.setattr(precision, 'time_step', timed)
     return probed
@@ -61,6 +63,49 @@ def test_probe_picks_the_fastest_and_remembers_it(cache, monkeypatch):
     # another model, input size or batch is another key, probed anew
     precision.choose(flags(batch_size=4), cpu, tiny)
     assert len(probed) == 8 and len(json.loads(cache.read_text())) == 2
+
+
+class CountingTiny(torch.nn.Module):
+    """``tiny()`` recording, for each forward call, the batch size, training mode and whether grad is recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.calls = tiny(), []
+
+    def forward(self, x):
+        self.calls.append((x.shape[0], self.training, torch.is_grad_enabled()))
+        return self.net(x)
+
+
+def test_inference_probe_times_forward_passes_of_the_evaluation_batch(cache):
+    model = CountingTiny()
+    times = precision.probe(flags(), torch.device('cpu'), lambda: model, inference=True)
+    assert set(times) == set(precision.CANDIDATES) and all(t > 0 for t in times.values())
+    # fp32 timed in full, each other candidate at least warmed up (a slow one is given up after that)
+    assert 1 + precision.PROBE_STEPS + 3 <= len(model.calls) <= 4 * (1 + precision.PROBE_STEPS)
+    assert set(model.calls) == {(2 * precision.EVAL_BATCH_FACTOR, False, False)}  # eval mode, no autograd
+    assert all(p.grad is None for p in model.parameters())
+    model = CountingTiny()  # the training probe: training mode, grad, backward
+    precision.probe(flags(), torch.device('cpu'), lambda: model)
+    assert set(model.calls) == {(2, True, True)} and all(p.grad is None for p in model.parameters())
+
+
+def test_inference_choice_is_remembered_apart_from_training(cache, monkeypatch):
+    # training is fastest in bf16 channels_last, inference in fp32: each mode gets its own answer
+    times = {(False, False, True): 1.0, (False, True, True): 0.9, (True, False, True): 0.7, (True, True, True): 0.5,
+             (False, False, False): 0.1, (False, True, False): 0.2, (True, False, False): 0.3,
+             (True, True, False): 0.4}
+    probed = fake_times(monkeypatch, times)
+    cpu = torch.device('cpu')
+    assert precision.choose(flags(), cpu, tiny)[:2] == (True, True)
+    assert precision.choose(flags(), cpu, tiny, inference=True)[:2] == (False, False)
+    assert len(probed) == 8
+    saved = json.loads(cache.read_text())
+    inference_keys = [k for k in saved if k.endswith(' | inference')]
+    assert len(saved) == 2 and len(inference_keys) == 1
+    assert f'batch {2 * precision.EVAL_BATCH_FACTOR} | 3ch | inference' in inference_keys[0]
+    assert saved[inference_keys[0]]['fp32'] == 0.1
+    assert precision.choose(flags(), cpu, tiny, inference=True)[:2] == (False, False) and len(probed) == 8
 
 
 def test_slow_bf16_machine_stays_fp32(cache, monkeypatch):
@@ -225,7 +270,7 @@ def test_device_settings_reuses_freed_memory_only_when_asked(monkeypatch):
     import runtime
     calls = []
     monkeypatch.setattr(runtime, 'reuse_freed_memory', lambda: calls.append(1) or True)
-    monkeypatch.setattr(runtime, 'choose_precision', lambda args, device, build: (False, False, 'bfloat16'))
+    monkeypatch.setattr(runtime, 'choose_precision', lambda args, device, build, inference: (False, False, 'bfloat16'))
     for flag, expected in ((False, 0), (True, 1)):
         calls.clear()
         runtime.device_settings(SimpleNamespace(reuse_freed_memory=flag), torch.device('cpu'))

@@ -1,10 +1,13 @@
 """The Python API: Predictor loads checkpoints once and predicts files or arrays as prediction mode does."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 
 import main
 from conftest import train_argv
+from engine import EVAL_BATCH_FACTOR
 from imaging import read_image
 from predict import Predictor
 from utils import DataError
@@ -42,6 +45,13 @@ def test_predictor_bad_inputs_are_one_line(trained, tmp_path):
     with pytest.raises(DataError, match='uint8'):
         predictor.predict([np.zeros((8, 8), np.float32)])
     assert len(predictor.predict([])) == 0
+
+
+def test_predictor_decides_precision_for_inference(trained, precision_cache):
+    predictor = Predictor([str(trained / 'checkpoint-best.pth')])  # --use_amp auto --channels_last auto
+    keys = [k for k in json.loads(precision_cache.read_text()) if k.endswith(' | inference')]
+    member = predictor.members[0].run_args
+    assert any(f'{member.input_size}px | batch {member.batch_size * EVAL_BATCH_FACTOR} |' in k for k in keys)
 
 
 def test_prediction_mode_writes_grad_cam_overlays(trained, elpv_small, tmp_path):
