@@ -317,11 +317,14 @@ def read_previous(paths):
     """Rows of earlier tables (CSV files ``table`` wrote), for comparison beside new runs.
 
     Raises:
-        DataError: a file that is unreadable or lacks the ``setup``, ``runs`` and ``minutes`` columns.
+        DataError: a file that is unreadable, lacks the ``setup``, ``runs`` and ``minutes`` columns, or has a row
+            with more fields than its header (e.g. a set-up edited by hand with an unquoted comma).
     """
     frames = []
     for path in paths:
         df = read_csv(path, 'result table')
+        if not isinstance(df.index, pd.RangeIndex):  # pandas turns the extra leading fields of such rows into an index
+            raise DataError(f'{path}: a row has more fields than the header (a set-up with an unquoted comma?)')
         missing = {'setup', 'runs', 'minutes'} - set(df.columns)
         if missing:
             raise DataError(f'{path}: not a results_table.py CSV (no {", ".join(sorted(missing))} column)')

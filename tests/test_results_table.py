@@ -92,6 +92,10 @@ def test_new_rows_named_and_earlier_table_appended(tmp_path, capsys):
     (tmp_path / 'bad.csv').write_text('a,b\n1,2\n')
     with pytest.raises(DataError, match='bad.csv: not a results_table.py CSV'):
         results_table.main(['--runs', str(runs), '--previous', str(tmp_path / 'bad.csv')])
+    header, *rows = old.read_text().splitlines()  # a set-up edited by hand, its comma left unquoted
+    (tmp_path / 'edited.csv').write_text('\n'.join([header, 'older, seed 0' + rows[0][len('older'):], *rows[1:]]))
+    with pytest.raises(DataError, match='edited.csv: a row has more fields than the header'):
+        results_table.main(['--runs', str(runs), '--previous', str(tmp_path / 'edited.csv')])
 
 
 def test_ema_weights_give_their_own_row(tmp_path):
