@@ -61,6 +61,12 @@ def machine_name(device):
     return f'{model} [{extras or "no avx512"}] x{cores} threads {torch.get_num_threads()}'
 
 
+def probe_batch_size(args, inference=False):
+    """The batch the probe times: the training batch, or for ``inference`` the evaluation loaders' batch
+    (``EVAL_BATCH_FACTOR`` x the training batch)."""
+    return args.batch_size * EVAL_BATCH_FACTOR if inference else args.batch_size
+
+
 def probe_key(device, args, inference=False):
     """The key a choice is remembered under: machine, torch version, model (with its norm layer and roadmap flags),
     input size, batch and channels; for ``inference`` (evaluation and prediction) the evaluation batch
@@ -70,9 +76,8 @@ def probe_key(device, args, inference=False):
         model += f' {args.norm_layer}'
     if args.model == 'resnet':  # the roadmap's steps are different networks
         model += ' ' + ' '.join(f'{k}={getattr(args, k, None)}' for k in resnet_roadmap.ROADMAP_FLAGS)
-    batch = args.batch_size * EVAL_BATCH_FACTOR if inference else args.batch_size
     return (f'{machine_name(device)} | torch {torch.__version__} | {model} | {args.input_size}px | '
-            f'batch {batch} | {args.in_chans}ch' + (' | inference' if inference else ''))
+            f'batch {probe_batch_size(args, inference)} | {args.in_chans}ch' + (' | inference' if inference else ''))
 
 
 def read_cache(path):
@@ -138,8 +143,7 @@ def probe(args, device, build, inference=False):
     times = {}
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         model = build().train(not inference)
-        batch = torch.randn(args.batch_size * (EVAL_BATCH_FACTOR if inference else 1), args.in_chans,
-                            args.input_size, args.input_size)
+        batch = torch.randn(probe_batch_size(args, inference), args.in_chans, args.input_size, args.input_size)
         for label, (amp, cl) in CANDIDATES.items():
             best = min(times.values(), default=None)
             times[label] = round(time_step(model, DeviceSettings(device, amp, 'bfloat16', cl), batch,
