@@ -108,7 +108,11 @@ def make_loader(dataset, args, device, train):
 
     Args:
         dataset: torch Dataset. args: flags (batch_size, num_workers, pin_mem, seed). device: torch.device.
-        train: shuffle with a seeded generator (``loader.generator``) and drop the last partial batch.
+        train: shuffle with a seeded generator (``loader.generator``) and drop the last partial batch. Training
+            workers are started afresh each epoch (not persistent): a worker seeds the RNGs that augmentation draws
+            from (torch, random, numpy) once, when it starts, from the loader's generator, which ``seed_loader``
+            reseeds each epoch; so an epoch's augmentation depends on (seed, epoch) alone, and a resumed run repeats
+            the uninterrupted one exactly. Evaluation workers, which draw nothing at random, persist.
     """
     workers = args.num_workers if args.num_workers >= 0 else default_workers(world_size())
     sampler, generator = None, None
@@ -122,7 +126,7 @@ def make_loader(dataset, args, device, train):
                       shuffle=train and sampler is None, sampler=sampler,
                       drop_last=train and len(dataset) > args.batch_size, num_workers=workers,
                       pin_memory=args.pin_mem and device.type == 'cuda', collate_fn=collate_skip,
-                      persistent_workers=workers > 0, generator=generator)
+                      persistent_workers=workers > 0 and not train, generator=generator)
 
 
 def seed_loader(loader, seed, epoch):

@@ -56,9 +56,10 @@ def test_refuses_existing_run(trained, elpv_small):
     assert (out / 'log.txt').read_text() == before
 
 
-def test_resume_continues_with_same_metrics(elpv_small, tmp_path, monkeypatch):
+@pytest.mark.parametrize('workers', ['0', '1'])  # with a loader worker, augmentation draws from the worker's RNG
+def test_resume_continues_with_same_metrics(elpv_small, tmp_path, monkeypatch, workers):
     full, cut = tmp_path / 'full', tmp_path / 'cut'
-    run(train_argv(elpv_small, full, '--epochs', '3'))
+    run(train_argv(elpv_small, full, '--epochs', '3', '--num_workers', workers))
     real = cli.train_one_epoch
 
     def interrupted(*args, **kwargs):  # Ctrl-C at the start of the second epoch
@@ -68,10 +69,10 @@ def test_resume_continues_with_same_metrics(elpv_small, tmp_path, monkeypatch):
 
     monkeypatch.setattr(cli, 'train_one_epoch', interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run(train_argv(elpv_small, cut, '--epochs', '3'))
+        run(train_argv(elpv_small, cut, '--epochs', '3', '--num_workers', workers))
     monkeypatch.undo()
     assert len((cut / 'log.txt').read_text().splitlines()) == 1 and not (cut / 'finished.json').exists()
-    run(train_argv(elpv_small, cut, '--epochs', '3', '--auto_resume', 'True'))
+    run(train_argv(elpv_small, cut, '--epochs', '3', '--auto_resume', 'True', '--num_workers', workers))
     resumed = [json.loads(x) for x in (cut / 'log.txt').read_text().splitlines()]
     straight = [json.loads(x) for x in (full / 'log.txt').read_text().splitlines()]
     assert [r['epoch'] for r in resumed] == [0, 1, 2]
