@@ -111,8 +111,10 @@ def make_loader(dataset, args, device, train):
         train: shuffle with a seeded generator (``loader.generator``) and drop the last partial batch. Training
             workers are started afresh each epoch (not persistent): a worker seeds the RNGs that augmentation draws
             from (torch, random, numpy) once, when it starts, from the loader's generator, which ``seed_loader``
-            reseeds each epoch; so an epoch's augmentation depends on (seed, epoch) alone, and a resumed run repeats
-            the uninterrupted one exactly. Evaluation workers, which draw nothing at random, persist.
+            reseeds each epoch (under torchrun, from the RNG state a checkpoint restores); so an epoch's augmentation
+            depends on the seed, the epoch and the number of workers, not on what ran before in the process, and a
+            resumed run repeats the uninterrupted one exactly. Evaluation workers, which draw nothing at random,
+            persist.
     """
     workers = args.num_workers if args.num_workers >= 0 else default_workers(world_size())
     sampler, generator = None, None
