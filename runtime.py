@@ -109,12 +109,10 @@ def make_loader(dataset, args, device, train):
     Args:
         dataset: torch Dataset. args: flags (batch_size, num_workers, pin_mem, seed). device: torch.device.
         train: shuffle with a seeded generator (``loader.generator``) and drop the last partial batch. Training
-            workers are started afresh each epoch (not persistent): a worker seeds the RNGs that augmentation draws
-            from (torch, random, numpy) once, when it starts, from the loader's generator, which ``seed_loader``
-            reseeds each epoch (under torchrun, from the RNG state a checkpoint restores); so an epoch's augmentation
-            depends on the seed, the epoch and the number of workers, not on what ran before in the process, and a
-            resumed run repeats the uninterrupted one exactly. Evaluation workers, which draw nothing at random,
-            persist.
+            workers start afresh each epoch (not persistent): a worker seeds the RNGs augmentation draws from
+            (torch, random, numpy) only when it starts, from the loader's generator, which ``seed_loader`` reseeds
+            each epoch (under torchrun, from the process's RNG, which a checkpoint restores). So a resumed run's
+            augmentation repeats the uninterrupted run's. Evaluation workers draw nothing at random and persist.
     """
     workers = args.num_workers if args.num_workers >= 0 else default_workers(world_size())
     sampler, generator = None, None

@@ -60,7 +60,11 @@ def test_refuses_existing_run(trained, elpv_small):
 @pytest.mark.parametrize('workers,epochs', [('0', '3'), ('1', '2')])
 def test_resume_continues_with_same_metrics(elpv_small, tmp_path, monkeypatch, workers, epochs):
     full, cut = tmp_path / 'full', tmp_path / 'cut'
-    run(train_argv(elpv_small, full, '--epochs', epochs, '--num_workers', workers))
+
+    def argv(out, *extra):
+        return train_argv(elpv_small, out, '--epochs', epochs, '--num_workers', workers, *extra)
+
+    run(argv(full))
     real = cli.train_one_epoch
 
     def interrupted(*args, **kwargs):  # Ctrl-C at the start of the second epoch
@@ -70,10 +74,10 @@ def test_resume_continues_with_same_metrics(elpv_small, tmp_path, monkeypatch, w
 
     monkeypatch.setattr(cli, 'train_one_epoch', interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run(train_argv(elpv_small, cut, '--epochs', epochs, '--num_workers', workers))
+        run(argv(cut))
     monkeypatch.undo()
     assert len((cut / 'log.txt').read_text().splitlines()) == 1 and not (cut / 'finished.json').exists()
-    run(train_argv(elpv_small, cut, '--epochs', epochs, '--auto_resume', 'True', '--num_workers', workers))
+    run(argv(cut, '--auto_resume', 'True'))
     resumed = [json.loads(x) for x in (cut / 'log.txt').read_text().splitlines()]
     straight = [json.loads(x) for x in (full / 'log.txt').read_text().splitlines()]
     assert [r['epoch'] for r in resumed] == list(range(int(epochs)))
@@ -83,7 +87,7 @@ def test_resume_continues_with_same_metrics(elpv_small, tmp_path, monkeypatch, w
         assert a['val_ece'] == pytest.approx(b['val_ece'], abs=1e-6)
     # a finished run is left alone by --auto_resume
     mtime = (cut / 'checkpoint-last.pth').stat().st_mtime_ns
-    run(train_argv(elpv_small, cut, '--epochs', epochs, '--auto_resume', 'True', '--num_workers', workers))
+    run(argv(cut, '--auto_resume', 'True'))
     assert (cut / 'checkpoint-last.pth').stat().st_mtime_ns == mtime
 
 
