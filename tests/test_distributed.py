@@ -1,4 +1,4 @@
-"""torchrun with 2 gloo processes on CPU: the same metrics as 1 process, one set of outputs, resume."""
+"""torchrun with 2 gloo processes on CPU: the same metrics as 1 process, one set of outputs, exact resume."""
 import json
 import os
 import subprocess
@@ -9,20 +9,25 @@ import pytest
 from conftest import ROOT, train_argv
 
 
-def torchrun(argv, nproc=2):
+def torchrun(argv, nproc=2, script=ROOT / 'main.py', check=True):
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
-           str(ROOT / 'main.py'), *[str(a) for a in argv]]
+           str(script), *[str(a) for a in argv]]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 or not check, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
+
+
+def ddp_argv(data, out, *extra):
+    """The flags of the module's 2-epoch, 2-rank training; a loader worker per rank, as real runs have."""
+    return train_argv(data, out, '--epochs', '2', '--num_workers', '1', '--nb_classes', '4', '--use_softlabel', 'True',
+                      *extra)
 
 
 @pytest.fixture(scope='module')
 def ddp_run(elpv_small, tmp_path_factory):
     out = tmp_path_factory.mktemp('ddp') / 'out'
-    proc = torchrun(train_argv(elpv_small, out, '--epochs', '2', '--nb_classes', '4', '--use_softlabel', 'True'))
-    return out, proc
+    return out, torchrun(ddp_argv(elpv_small, out))
 
 
 def test_two_processes_write_one_set_of_outputs(ddp_run):
@@ -54,14 +59,39 @@ def test_two_processes_same_metrics_as_one(ddp_run, elpv_small, tmp_path):
         assert two[key] == pytest.approx(one[key], abs=1e-6), key
 
 
-def test_resume_under_torchrun(ddp_run, elpv_small, tmp_path):
-    import shutil
-    out, _ = ddp_run
-    copy = tmp_path / 'out'
-    shutil.copytree(out, copy)
-    (copy / 'finished.json').unlink()
-    proc = torchrun(train_argv(elpv_small, copy, '--epochs', '3', '--nb_classes', '4', '--use_softlabel', 'True',
-                               '--auto_resume', 'True'))
+# main.py under torchrun, with each rank's training stopped (Ctrl-C) at the start of the second epoch
+STOP_AT_SECOND_EPOCH = """import sys
+sys.path.insert(0, {root!r})
+import main as cli
+from utils import run_cli
+real = cli.train_one_epoch
+
+
+def interrupted(*args, **kwargs):
+    if args[5] == 1:
+        raise KeyboardInterrupt
+    return real(*args, **kwargs)
+
+
+cli.train_one_epoch = interrupted
+run_cli(cli.main, 'interrupted')
+"""
+
+
+def test_resume_under_torchrun_continues_with_same_metrics(ddp_run, elpv_small, tmp_path):
+    """Stopped at the start of epoch 2 and resumed, the 2-rank run repeats the uninterrupted one (ddp_run)."""
+    full, _ = ddp_run
+    cut = tmp_path / 'cut'
+    script = tmp_path / 'stop_at_second_epoch.py'
+    script.write_text(STOP_AT_SECOND_EPOCH.format(root=str(ROOT)))
+    proc = torchrun(ddp_argv(elpv_small, cut), script=script, check=False)
+    assert proc.returncode != 0 and 'interrupted' in proc.stderr
+    assert len((cut / 'log.txt').read_text().splitlines()) == 1 and not (cut / 'finished.json').exists()
+    proc = torchrun(ddp_argv(elpv_small, cut, '--auto_resume', 'True'))
     assert 'resumed from' in proc.stderr
-    records = [json.loads(line) for line in (copy / 'log.txt').read_text().splitlines()]
-    assert [r['epoch'] for r in records] == [0, 1, 2]
+    resumed = [json.loads(x) for x in (cut / 'log.txt').read_text().splitlines()]
+    straight = [json.loads(x) for x in (full / 'log.txt').read_text().splitlines()]
+    assert [r['epoch'] for r in resumed] == [r['epoch'] for r in straight] == [0, 1]
+    for a, b in zip(resumed, straight):
+        assert a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-5)
+        assert a['val_auroc'] == pytest.approx(b['val_auroc'], abs=1e-6)
