@@ -110,9 +110,15 @@ def fcmae_argv(data, out, *extra):
                              '--warmup_epochs', '0', '--test_val_ratio', '0.25', '0.25', *extra]]
 
 
-def test_pretraining_resume_matches_uninterrupted(elpv_small, tmp_path, monkeypatch):
+# with a loader worker, augmentation draws from the worker's RNG; two epochs suffice to see the resumed one
+@pytest.mark.parametrize('workers,epochs', [('0', '3'), ('1', '2')])
+def test_pretraining_resume_matches_uninterrupted(elpv_small, tmp_path, monkeypatch, workers, epochs):
     import pretrain
-    cli.main(fcmae_argv(elpv_small, tmp_path / 'full'))
+
+    def argv(out, *extra):
+        return fcmae_argv(elpv_small, out, '--epochs', epochs, '--num_workers', workers, *extra)
+
+    cli.main(argv(tmp_path / 'full'))
     real = pretrain.pretrain_one_epoch
 
     def interrupted(model, loader, optimizer, dev, epoch, *args, **kwargs):  # Ctrl-C as the second epoch starts
@@ -122,15 +128,15 @@ def test_pretraining_resume_matches_uninterrupted(elpv_small, tmp_path, monkeypa
 
     monkeypatch.setattr(pretrain, 'pretrain_one_epoch', interrupted)
     with pytest.raises(KeyboardInterrupt):
-        cli.main(fcmae_argv(elpv_small, tmp_path / 'cut'))
+        cli.main(argv(tmp_path / 'cut'))
     monkeypatch.undo()
     # a line logged after the last checkpoint (a kill between the two writes) is dropped on resume
     with open(tmp_path / 'cut' / 'log.txt', 'a') as f:
         f.write(json.dumps({'epoch': 1, 'pretrain_loss': -1.0}) + '\n')
-    cli.main(fcmae_argv(elpv_small, tmp_path / 'cut', '--auto_resume', 'True'))
+    cli.main(argv(tmp_path / 'cut', '--auto_resume', 'True'))
     full = [json.loads(x) for x in (tmp_path / 'full' / 'log.txt').read_text().splitlines()]
     cut = [json.loads(x) for x in (tmp_path / 'cut' / 'log.txt').read_text().splitlines()]
-    assert [r['epoch'] for r in cut] == [0, 1, 2]
+    assert [r['epoch'] for r in cut] == list(range(int(epochs)))
     assert [r['pretrain_loss'] for r in cut] == pytest.approx([r['pretrain_loss'] for r in full], rel=1e-5)
 
 
