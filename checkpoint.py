@@ -152,7 +152,8 @@ def restore_checkpoint(path, kind, model, optimizer, *, lr_scheduler=None, scale
 
 def trim_log(path, start_epoch):
     """Drop the JSON lines of epochs >= ``start_epoch`` from a run's log.txt (a run killed after logging an epoch but
-    before its checkpoint logs it again on resume). Main process only; atomic."""
+    before its checkpoint logs it again on resume; killed before its first checkpoint, it starts again at epoch 0 and
+    all its lines go). Main process only; atomic."""
     path = Path(path)
     if not is_main_process() or not path.is_file():
         return

@@ -217,7 +217,7 @@ def train(args):
         start_epoch, saved = restore_checkpoint(resume, 'classifier', model, optimizer, lr_scheduler=lr_scheduler,
                                                 scaler=scaler, model_ema=model_ema)
         state.update({k: saved[k] for k in state if k in saved})
-        trim_log(out / 'log.txt', start_epoch)
+    trim_log(out / 'log.txt', start_epoch)  # also a first epoch logged by a run killed before its first checkpoint
 
     # epoch loop
     runlog = RunLog(args, start_epoch, len(data.train_loader))

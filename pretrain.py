@@ -128,7 +128,7 @@ def run(args):
     start_epoch = 0
     if resume:
         start_epoch, _ = restore_checkpoint(resume, 'fcmae', model, optimizer, lr_scheduler=lr_scheduler)
-        trim_log(out / 'log.txt', start_epoch)
+    trim_log(out / 'log.txt', start_epoch)  # also a first epoch logged by a run killed before its first checkpoint
 
     # epoch loop
     runlog = RunLog(args, start_epoch, len(loader))

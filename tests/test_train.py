@@ -91,6 +91,22 @@ def test_resume_continues_with_same_metrics(elpv_small, tmp_path, monkeypatch, w
     assert (cut / 'checkpoint-last.pth').stat().st_mtime_ns == mtime
 
 
+def test_killed_before_first_checkpoint_starts_again(elpv_small, tmp_path, monkeypatch):
+    """Killed between epoch 1's log line and its first checkpoint, the run starts again with one line per epoch."""
+    out = tmp_path / 'o'
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, 'save_checkpoint', killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(train_argv(elpv_small, out, '--test', 'False'))
+    monkeypatch.undo()
+    assert len((out / 'log.txt').read_text().splitlines()) == 1 and not (out / 'checkpoint-last.pth').exists()
+    run(train_argv(elpv_small, out, '--test', 'False', '--auto_resume', 'True'))
+    assert [json.loads(x)['epoch'] for x in (out / 'log.txt').read_text().splitlines()] == [0, 1]
+
+
 def test_eval_mode(trained, elpv_small, tmp_path):
     out, summary = trained
     metrics = run(['--eval', 'True', '--resume', out / 'checkpoint-best.pth', '--eval_data_path', elpv_small,
