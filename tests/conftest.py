@@ -47,6 +47,27 @@ def elpv_small(tmp_path_factory):
     return root
 
 
+def stopped_at(fn, epoch, position):
+    """``fn`` (an epoch loop's one-epoch function), raising KeyboardInterrupt (Ctrl-C) when called for ``epoch``,
+    the positional argument at ``position``; a run stopped there resumes from the checkpoint of ``epoch - 1``."""
+    def interrupted(*args, **kwargs):
+        if args[position] == epoch:
+            raise KeyboardInterrupt
+        return fn(*args, **kwargs)
+    return interrupted
+
+
+def assert_same_epochs(resumed, straight, losses, metrics=()):
+    """The log.txt records (lists of dicts) of a resumed and an uninterrupted run: the same epochs, ``losses``
+    within 1e-5 relative and ``metrics`` within 1e-6 absolute."""
+    assert [r['epoch'] for r in resumed] == [r['epoch'] for r in straight]
+    for a, b in zip(resumed, straight):
+        for k in losses:
+            assert a[k] == pytest.approx(b[k], rel=1e-5), (a['epoch'], k)
+        for k in metrics:
+            assert a[k] == pytest.approx(b[k], abs=1e-6), (a['epoch'], k)
+
+
 def train_argv(data, out, *extra):
     """main.py flags for a tiny, fast training on ``data``."""
     return ['--data_path', str(data), '--output_dir', str(out), '--model', 'convnext_atto', '--input_size', '64',

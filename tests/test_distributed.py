@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, train_argv
+from conftest import ROOT, assert_same_epochs, train_argv
 
 
 def torchrun(argv, nproc=2, script=ROOT / 'main.py', check=True):
@@ -61,19 +61,11 @@ def test_two_processes_same_metrics_as_one(ddp_run, elpv_small, tmp_path):
 
 # main.py under torchrun, with each rank's training stopped (Ctrl-C) at the start of the second epoch
 STOP_AT_SECOND_EPOCH = """import sys
-sys.path.insert(0, {root!r})
+sys.path[:0] = [{root!r}, {tests!r}]
 import main as cli
+from conftest import stopped_at
 from utils import run_cli
-real = cli.train_one_epoch
-
-
-def interrupted(*args, **kwargs):
-    if args[5] == 1:
-        raise KeyboardInterrupt
-    return real(*args, **kwargs)
-
-
-cli.train_one_epoch = interrupted
+cli.train_one_epoch = stopped_at(cli.train_one_epoch, 1, 5)
 run_cli(cli.main, 'interrupted')
 """
 
@@ -83,7 +75,7 @@ def test_resume_under_torchrun_continues_with_same_metrics(ddp_run, elpv_small, 
     full, _ = ddp_run
     cut = tmp_path / 'cut'
     script = tmp_path / 'stop_at_second_epoch.py'
-    script.write_text(STOP_AT_SECOND_EPOCH.format(root=str(ROOT)))
+    script.write_text(STOP_AT_SECOND_EPOCH.format(root=str(ROOT), tests=str(ROOT / 'tests')))
     proc = torchrun(ddp_argv(elpv_small, cut), script=script, check=False)
     assert proc.returncode != 0 and 'interrupted' in proc.stderr
     assert len((cut / 'log.txt').read_text().splitlines()) == 1 and not (cut / 'finished.json').exists()
@@ -91,7 +83,5 @@ def test_resume_under_torchrun_continues_with_same_metrics(ddp_run, elpv_small, 
     assert 'resumed from' in proc.stderr
     resumed = [json.loads(x) for x in (cut / 'log.txt').read_text().splitlines()]
     straight = [json.loads(x) for x in (full / 'log.txt').read_text().splitlines()]
-    assert [r['epoch'] for r in resumed] == [r['epoch'] for r in straight] == [0, 1]
-    for a, b in zip(resumed, straight):
-        assert a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-5)
-        assert a['val_auroc'] == pytest.approx(b['val_auroc'], abs=1e-6)
+    assert [r['epoch'] for r in resumed] == [0, 1]
+    assert_same_epochs(resumed, straight, ['train_loss'], ['val_auroc'])

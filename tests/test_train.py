@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import main as cli
-from conftest import train_argv
+from conftest import assert_same_epochs, stopped_at, train_argv
 from utils import DataError
 
 
@@ -65,14 +65,7 @@ def test_resume_continues_with_same_metrics(elpv_small, tmp_path, monkeypatch, w
         return train_argv(elpv_small, out, '--epochs', epochs, '--num_workers', workers, *extra)
 
     run(argv(full))
-    real = cli.train_one_epoch
-
-    def interrupted(*args, **kwargs):  # Ctrl-C at the start of the second epoch
-        if args[5] == 1:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cli, 'train_one_epoch', interrupted)
+    monkeypatch.setattr(cli, 'train_one_epoch', stopped_at(cli.train_one_epoch, 1, 5))  # as epoch 2 starts
     with pytest.raises(KeyboardInterrupt):
         run(argv(cut))
     monkeypatch.undo()
@@ -81,10 +74,7 @@ def test_resume_continues_with_same_metrics(elpv_small, tmp_path, monkeypatch, w
     resumed = [json.loads(x) for x in (cut / 'log.txt').read_text().splitlines()]
     straight = [json.loads(x) for x in (full / 'log.txt').read_text().splitlines()]
     assert [r['epoch'] for r in resumed] == list(range(int(epochs)))
-    for a, b in zip(resumed, straight):
-        assert a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-5)
-        assert a['val_auroc'] == pytest.approx(b['val_auroc'], abs=1e-6)
-        assert a['val_ece'] == pytest.approx(b['val_ece'], abs=1e-6)
+    assert_same_epochs(resumed, straight, ['train_loss'], ['val_auroc', 'val_ece'])
     # a finished run is left alone by --auto_resume
     mtime = (cut / 'checkpoint-last.pth').stat().st_mtime_ns
     run(argv(cut, '--auto_resume', 'True'))
