@@ -3,6 +3,7 @@ import contextlib
 import inspect
 import logging
 import shutil
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,11 +115,31 @@ def build_optimizer(model, args, updates_per_epoch, **overrides):
     if args.opt_fused and 'fused' in inspect.signature(optimizer_class(args.opt)).parameters:
         options['fused'] = True
     optimizer = create_optimizer_v2(model, **{**options, **overrides})
-    lr_scheduler, _ = create_scheduler_v2(optimizer, sched=args.sched, num_epochs=args.epochs,
+    return optimizer, build_lr_scheduler(optimizer, args, updates_per_epoch, args.epochs)
+
+
+def build_lr_scheduler(optimizer, args, updates_per_epoch, epochs, updates_done=0):
+    """timm's per-update LR schedule (``create_scheduler_v2``: ``--sched`` over ``epochs``, ``--warmup_epochs`` from
+    ``--warmup_lr``, down to ``--min_lr``), set to update ``updates_done``.
+
+    Built again with another ``epochs`` when ``--time_budget`` fixes or shortens a run's length (``budget.py``): the
+    warm-up does not depend on the length (timm computes it from ``warmup_epochs`` alone), so a run whose first epoch
+    was warm-up follows, once its length is fixed, the schedule of a run started with that length.
+
+    Args:
+        optimizer: torch.optim.Optimizer (its groups' ``initial_lr``, set by the first schedule, is kept).
+        updates_per_epoch: int >= 1. epochs: int >= 1, the schedule's length. updates_done: int >= 0.
+
+    Returns:
+        timm scheduler, the optimizer's learning rates set for update ``updates_done``.
+    """
+    lr_scheduler, _ = create_scheduler_v2(optimizer, sched=args.sched, num_epochs=epochs,
                                           warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
                                           min_lr=args.min_lr, step_on_epochs=False,
                                           updates_per_epoch=max(1, updates_per_epoch))
-    return optimizer, lr_scheduler
+    if updates_done:
+        lr_scheduler.step_update(num_updates=updates_done)
+    return lr_scheduler
 
 
 def build_loss(args, train_frame, device):
@@ -191,7 +212,7 @@ def train_one_epoch(model, criterion, loader, optimizer, dev, epoch, *, lr_sched
 
     Returns:
         dict: loss (mean over batches), lr (last), images (seen), skipped (images the loader skipped), updates,
-        data_time (seconds waiting for batches).
+        data_time (seconds waiting for batches), warmup_s (``warm_up_excess`` of the steps' seconds, this process).
 
     Raises:
         utils.TrainingDiverged: a non-finite loss (names the epoch, step and learning rate).
@@ -205,8 +226,9 @@ def train_one_epoch(model, criterion, loader, optimizer, dev, epoch, *, lr_sched
     expected = len(loader) * loader.batch_size if loader.drop_last else len(loader.sampler)
     bar = tqdm(loader, desc=f'train {epoch}', leave=False, dynamic_ncols=True, mininterval=1.0,
                disable=None if is_main_process() else True)
-    data_time, t_wait = 0.0, time.perf_counter()
+    data_time, step_times, t_wait = 0.0, [], time.perf_counter()
     for it, batch in enumerate(bar):
+        t_step = t_wait
         data_time += time.perf_counter() - t_wait
         if batch is None:
             continue
@@ -248,10 +270,27 @@ def train_one_epoch(model, criterion, loader, optimizer, dev, epoch, *, lr_sched
             writer.add_scalar('train/loss', loss_value, step)
             writer.add_scalar('train/lr', lr, step)
         t_wait = time.perf_counter()
+        step_times.append(t_wait - t_step)
     n_losses = all_reduce_sum(len(losses))
     return {'loss': all_reduce_sum(sum(losses)) / n_losses if n_losses else float('nan'),
             'lr': optimizer.param_groups[0]['lr'], 'images': int(all_reduce_sum(seen)),
-            'skipped': int(all_reduce_sum(expected - loaded)), 'updates': update_count, 'data_time': data_time}
+            'skipped': int(all_reduce_sum(expected - loaded)), 'updates': update_count, 'data_time': data_time,
+            'warmup_s': warm_up_excess(step_times)}
+
+
+def warm_up_excess(step_times, first=3):
+    """Seconds the first steps of an epoch took beyond the steady state (torch.compile's compilation, oneDNN's and
+    the allocator's first calls): their time less ``first`` x the mean of the later steps.
+
+    Args:
+        step_times: list of float seconds, one per step in order. first: int, the steps counted as warm-up.
+
+    Returns:
+        float >= 0 seconds; 0 for an epoch of ``2 * first`` steps or fewer (too few to tell).
+    """
+    if len(step_times) <= 2 * first:
+        return 0.0
+    return max(0.0, sum(step_times[:first]) - first * statistics.fmean(step_times[first:]))
 
 
 def dihedral_views(images, turns=True):

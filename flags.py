@@ -65,6 +65,9 @@ def add_optimisation_flags(p):
     g = p.add_argument_group('optimisation')
     g.add_argument('--batch_size', type=int, default=32, help='per process')
     g.add_argument('--epochs', type=int, default=30)
+    g.add_argument('--time_budget', type=float, default=None,
+                   help='wall minutes for the whole training run: after the first epoch the schedule is fixed to as '
+                        'many epochs as fit (at most --epochs); default: --epochs')
     g.add_argument('--update_freq', type=int, default=1, help='gradient accumulation steps')
     g.add_argument('--opt', default='adamw', help='timm optimizer name')
     g.add_argument('--opt_eps', type=float, default=1e-8)
@@ -250,6 +253,8 @@ def check_args(args):
     optimizer_class(args.opt)
     if args.batch_size < 1 or args.epochs < 0 or args.update_freq < 1:
         raise DataError('--batch_size and --update_freq must be >= 1 and --epochs >= 0')
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise DataError(f'--time_budget must be > 0 minutes, got {args.time_budget}')
     if args.model_ema_eval and not args.model_ema:
         raise DataError('--model_ema_eval True needs --model_ema True (there are no EMA weights to validate)')
     if not 0 < args.model_ema_decay < 1:

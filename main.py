@@ -18,6 +18,7 @@ from pathlib import Path
 
 from timm.utils import ModelEmaV3
 
+from budget import TimeBudget
 from calibration import apply_temperature, operating_point
 from checkpoint import (add_operating_point, check_output_dir, restore_checkpoint, resume_point, save_checkpoint,
                         save_weights, trim_log)
@@ -25,8 +26,8 @@ import pretrain
 from config import parse_with_config
 from distributed import barrier, cleanup, is_main_process, world_size
 from distributed import rank as get_rank
-from engine import (build_loss, build_optimizer, evaluate, format_metrics, frame_metrics, predict_probs,
-                    prediction_table, sample_info, train_one_epoch, tta_mode, write_prediction_report)
+from engine import (build_loss, build_lr_scheduler, build_optimizer, evaluate, format_metrics, frame_metrics,
+                    predict_probs, prediction_table, sample_info, train_one_epoch, tta_mode, write_prediction_report)
 from flags import check_args, get_args_parser
 from metrics import is_better
 from models import build_model, load_pretrained, read_checkpoint
@@ -172,6 +173,36 @@ def test_best(args, model, data, dev, state, epochs_run):
     return summary
 
 
+def save_epoch(out, runlog, args, epoch, model, optimizer, improved, ema_improved, **parts):
+    """An epoch's checkpoints in ``out``: checkpoint-best.pth when the epoch is the new best, checkpoint-best-ema.pth
+    when its EMA weights are, and checkpoint-last.pth; ``parts`` are ``save_checkpoint``'s keyword arguments."""
+    if improved:
+        save_checkpoint(out / 'checkpoint-best.pth', 'classifier', model, optimizer, epoch, args, **parts)
+        runlog.checkpoint(out / 'checkpoint-best.pth', ['best', f'epoch-{epoch + 1}'])
+    if ema_improved:
+        save_weights(out / 'checkpoint-best-ema.pth', parts['model_ema'].module, epoch, args)
+        runlog.checkpoint(out / 'checkpoint-best-ema.pth', ['best-ema', f'epoch-{epoch + 1}'])
+    save_checkpoint(out / 'checkpoint-last.pth', 'classifier', model, optimizer, epoch, args, **parts)
+
+
+def epoch_line(args, state, record, metrics, ema_metrics):
+    """The line printed after an epoch: training loss, validation metrics, the kept epoch, EMA, seconds."""
+    best, shown = state['best_metric'], 'auroc' if args.best_metric == 'last' else args.best_metric
+    kept = 'kept: last epoch' if args.best_metric == 'last' or not metrics else \
+        f'best {shown} {best if best is None else round(best, 4)} (epoch {state["best_epoch"] + 1})'
+    ema = '' if not ema_metrics else \
+        f'EMA {shown} {ema_metrics.get(shown, nan):.4f} (best epoch {state["best_ema_epoch"] + 1}) | '
+    return (f'epoch {record["epoch"] + 1}/{args.epochs} loss {record["train_loss"]:.4f} | '
+            f'val {format_metrics(metrics) or "(no split)"} | {kept} | {ema}{record["time_s"]:.0f}s')
+
+
+def test_reserve(args, data, val_s):
+    """Seconds a ``--time_budget`` run keeps for its test evaluation: the validation's ``val_s`` scaled to the test
+    split's size (0 without ``--test`` or a validation split)."""
+    n_val, n_test = len(data.splits.get('val', ())), len(data.splits.get('test', ()))
+    return val_s * n_test / n_val if args.test and n_val else 0.0
+
+
 def train(args):
     """Train with validation each epoch; write checkpoints, log.txt, TensorBoard events; test the best checkpoint.
 
@@ -181,6 +212,7 @@ def train(args):
     Returns:
         dict: the summary written to finished.json.
     """
+    t_run = time.time()
     check_output_dir(args)
     if not args.data_path:
         raise DataError('--data_path is required to train')
@@ -211,12 +243,14 @@ def train(args):
 
     # restore
     state = {'best_metric': None, 'best_epoch': -1, 'stale_epochs': 0, 'skipped_images': 0,
-             'best_ema_metric': None, 'best_ema_epoch': -1}
+             'best_ema_metric': None, 'best_ema_epoch': -1, 'time_budget': None}
     start_epoch = 0
     if resume:
         start_epoch, saved = restore_checkpoint(resume, 'classifier', model, optimizer, lr_scheduler=lr_scheduler,
                                                 scaler=scaler, model_ema=model_ema)
         state.update({k: saved[k] for k in state if k in saved})
+    budget = TimeBudget(args.time_budget, args.epochs, state['time_budget'], resume, t_run)
+    args.epochs = budget.length
     trim_log(out / 'log.txt', start_epoch)  # also a first epoch logged by a run killed before its first checkpoint
 
     # epoch loop
@@ -232,7 +266,13 @@ def train(args):
                                     mixup_fn=mixup_fn, update_freq=args.update_freq, clip_grad=args.clip_grad,
                                     writer=runlog)
             lr_scheduler.step(epoch + 1)
+            t_val = time.time()
             metrics, ema_metrics, val_entries = validate(model, model_ema, data, dev, args, epoch)
+            lr_scheduler = budget.end_epoch(epoch + 1, time.time() - t0 - stats['warmup_s'],
+                                            test_reserve(args, data, time.time() - t_val), lr_scheduler,
+                                            lambda n: build_lr_scheduler(optimizer, args, updates_per_epoch, n,
+                                                                         (epoch + 1) * updates_per_epoch))
+            args.epochs, state['time_budget'] = budget.length, budget.state()
             improved = track_best(state, args.best_metric, metrics, epoch)
             ema_improved = track_best_ema(state, args.best_metric, ema_metrics, epoch)
             state['skipped_images'] = max(state['skipped_images'], stats['skipped'])
@@ -242,26 +282,14 @@ def train(args):
             runlog.epoch(record, {'train/epoch_loss': stats['loss'],
                                   **{f'val/{k[4:]}': v for k, v in val_entries.items()}})
             if is_main_process():  # after the log line: a kill in between resumes here and trims the line
-                parts = dict(lr_scheduler=lr_scheduler, scaler=scaler, model_ema=model_ema, state=state)
-                if improved:
-                    save_checkpoint(out / 'checkpoint-best.pth', 'classifier', model, optimizer, epoch, args,
-                                    **parts)
-                    runlog.checkpoint(out / 'checkpoint-best.pth', ['best', f'epoch-{epoch + 1}'])
-                if ema_improved:
-                    save_weights(out / 'checkpoint-best-ema.pth', model_ema.module, epoch, args)
-                    runlog.checkpoint(out / 'checkpoint-best-ema.pth', ['best-ema', f'epoch-{epoch + 1}'])
-                save_checkpoint(out / 'checkpoint-last.pth', 'classifier', model, optimizer, epoch, args, **parts)
-                best, shown = state['best_metric'], 'auroc' if args.best_metric == 'last' else args.best_metric
-                kept = 'kept: last epoch' if args.best_metric == 'last' or not metrics else \
-                    f'best {shown} {best if best is None else round(best, 4)} (epoch {state["best_epoch"] + 1})'
-                ema = '' if not ema_metrics else \
-                    f'EMA {shown} {ema_metrics.get(shown, nan):.4f} (best epoch {state["best_ema_epoch"] + 1}) | '
-                shown_val = format_metrics(metrics) or '(no split)'
-                print(f'epoch {epoch + 1}/{args.epochs} loss {stats["loss"]:.4f} | val {shown_val} | {kept} | '
-                      f'{ema}{record["time_s"]:.0f}s', flush=True)
+                save_epoch(out, runlog, args, epoch, model, optimizer, improved, ema_improved,
+                           lr_scheduler=lr_scheduler, scaler=scaler, model_ema=model_ema, state=state)
+                print(epoch_line(args, state, record, metrics, ema_metrics), flush=True)
             if args.early_stop and state['stale_epochs'] >= args.early_stop_epoch:
                 if is_main_process():
                     print(f'early stop: no better val {args.best_metric} for {args.early_stop_epoch} epochs')
+                break
+            if epoch + 1 >= args.epochs:  # the length --time_budget fixed or shortened
                 break
         if epoch >= start_epoch:
             runlog.checkpoint(out / 'checkpoint-last.pth', ['latest'])

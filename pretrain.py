@@ -17,9 +17,10 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
+from budget import TimeBudget
 from checkpoint import check_output_dir, restore_checkpoint, resume_point, save_checkpoint, trim_log
 from datasets import is_split_folder, load_splits
-from engine import build_optimizer
+from engine import build_lr_scheduler, build_optimizer, warm_up_excess
 from models.fcmae import FCMAE
 from precision import choose_compile
 from preprocess_data import scan_plain_folder
@@ -57,14 +58,15 @@ def pretrain_one_epoch(model, loader, optimizer, dev, epoch, lr_scheduler, write
             SummaryWriter) for pretrain/loss and pretrain/lr per step.
 
     Returns:
-        dict: loss (mean over batches), lr (last), images.
+        dict: loss (mean over batches), lr (last), images, warmup_s (``engine.warm_up_excess`` of the steps'
+        seconds).
 
     Raises:
         utils.TrainingDiverged: a non-finite loss (names the epoch, step and learning rate).
     """
     model.train()
     n_batches = len(loader)
-    losses, seen = [], 0
+    losses, seen, step_times, t_step = [], 0, [], time.perf_counter()
     for it, batch in enumerate(tqdm(loader, desc=f'pretrain {epoch}', leave=False, mininterval=1.0, disable=None)):
         if batch is None:
             continue
@@ -82,7 +84,10 @@ def pretrain_one_epoch(model, loader, optimizer, dev, epoch, lr_scheduler, write
         if writer is not None:
             writer.add_scalar('pretrain/loss', loss_value, step)
             writer.add_scalar('pretrain/lr', optimizer.param_groups[0]['lr'], step)
-    return {'loss': sum(losses) / max(1, len(losses)), 'lr': optimizer.param_groups[0]['lr'], 'images': seen}
+        step_times.append(time.perf_counter() - t_step)
+        t_step = time.perf_counter()
+    return {'loss': sum(losses) / max(1, len(losses)), 'lr': optimizer.param_groups[0]['lr'], 'images': seen,
+            'warmup_s': warm_up_excess(step_times)}
 
 
 def run(args):
@@ -92,6 +97,7 @@ def run(args):
         DataError: no --data_path, started under torchrun, a model that is not ConvNeXt V2, bad data, or a resume
             checkpoint that is not an FCMAE one.
     """
+    t_run = time.time()
     check_output_dir(args)
     if not args.data_path:
         raise DataError('--data_path is required to pretrain')
@@ -125,9 +131,12 @@ def run(args):
              f'{args.decoder_depth} x {args.decoder_embed_dim}, {len(loader)} steps per epoch on {dev.device}')
 
     # restore
-    start_epoch = 0
+    start_epoch, state = 0, {'time_budget': None}
     if resume:
-        start_epoch, _ = restore_checkpoint(resume, 'fcmae', model, optimizer, lr_scheduler=lr_scheduler)
+        start_epoch, saved = restore_checkpoint(resume, 'fcmae', model, optimizer, lr_scheduler=lr_scheduler)
+        state.update({k: saved[k] for k in state if k in saved})
+    budget = TimeBudget(args.time_budget, args.epochs, state['time_budget'], resume, t_run)
+    args.epochs = budget.length
     trim_log(out / 'log.txt', start_epoch)  # also a first epoch logged by a run killed before its first checkpoint
 
     # epoch loop
@@ -141,15 +150,21 @@ def run(args):
             seed_loader(loader, args.seed, epoch)
             stats = pretrain_one_epoch(run_model, loader, optimizer, dev, epoch, lr_scheduler, runlog)
             lr_scheduler.step(epoch + 1)
+            lr_scheduler = budget.end_epoch(epoch + 1, time.time() - t0 - stats['warmup_s'], 0.0, lr_scheduler,
+                                            lambda n: build_lr_scheduler(optimizer, args, len(loader), n,
+                                                                         (epoch + 1) * len(loader)))
+            args.epochs, state['time_budget'] = budget.length, budget.state()
             record = {'epoch': epoch, 'pretrain_loss': stats['loss'], 'lr': stats['lr'], 'images': stats['images'],
                       'time_s': round(time.time() - t0, 1)}
             runlog.epoch(record, {'pretrain/epoch_loss': stats['loss']})
             save_checkpoint(out / 'checkpoint-last.pth', 'fcmae', model, optimizer, epoch, args,
-                            lr_scheduler=lr_scheduler)
+                            lr_scheduler=lr_scheduler, state=state)
             atomic_torch_save({'model': model.encoder_state_dict(), 'epoch': epoch, 'args': encoder_args},
                               out / 'encoder.pth')
             print(f'pretrain epoch {epoch + 1}/{args.epochs} loss {stats["loss"]:.4f} | {record["time_s"]:.0f}s',
                   flush=True)
+            if epoch + 1 >= args.epochs:  # the length --time_budget fixed or shortened
+                break
     finally:
         runlog.close()
     summary = {'epochs_run': args.epochs, 'last_loss': stats['loss'], 'encoder': str(out / 'encoder.pth')}

@@ -143,3 +143,27 @@ def test_checkpoint_kinds_are_not_mixed(elpv_small, tmp_path):
                                              tmp_path / 'fcmae' / 'checkpoint-last.pth')])
     with pytest.raises(DataError, match='classifier checkpoint cannot continue a fcmae run'):
         cli.main(fcmae_argv(elpv_small, tmp_path / 'b', '--resume', tmp_path / 'cls' / 'checkpoint-last.pth'))
+
+
+def test_pretraining_time_budget_fixes_the_length_and_resume_keeps_it(elpv_small, tmp_path, monkeypatch):
+    """--time_budget on FCMAE pretraining: the length decided after the first epoch (stubbed to 2 of at most 5:
+    wall time is not reproducible) ends the run and its cosine there, and a resumed run keeps it."""
+    import budget
+    import pretrain
+
+    def argv(out, *extra):
+        return fcmae_argv(elpv_small, out, '--epochs', '5', '--warmup_epochs', '1', '--time_budget', '5', *extra)
+
+    monkeypatch.setattr(budget, 'epochs_within_budget', lambda *a, **k: 2)
+    summary = cli.main(argv(tmp_path / 'full'))
+    full = [json.loads(x) for x in (tmp_path / 'full' / 'log.txt').read_text().splitlines()]
+    assert [r['epoch'] for r in full] == [0, 1] and summary['epochs_run'] == 2
+    assert full[-1]['lr'] == pytest.approx(1e-6)  # the cosine ends with the shortened run
+    monkeypatch.setattr(pretrain, 'pretrain_one_epoch', stopped_at(pretrain.pretrain_one_epoch, 1, 4))  # epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv(tmp_path / 'cut'))
+    monkeypatch.undo()
+    monkeypatch.setattr(budget, 'epochs_within_budget', lambda *a, **k: 5)  # the checkpoint's 2 stays: never longer
+    cli.main(argv(tmp_path / 'cut', '--auto_resume', 'True'))
+    cut = [json.loads(x) for x in (tmp_path / 'cut' / 'log.txt').read_text().splitlines()]
+    assert_same_epochs(cut, full, ['pretrain_loss', 'lr'])

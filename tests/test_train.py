@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+import budget
 import main as cli
 from conftest import assert_same_epochs, stopped_at, train_argv
 from utils import DataError
@@ -382,3 +383,97 @@ def test_best_metric_last_keeps_the_last_epoch_and_tests_it(elpv_small, tmp_path
     # a metric name this run's validation does not give (4-class accuracy of a 2-class head) stops in one line
     with pytest.raises(DataError, match='best_metric acc4: this run.s validation does not give it'):
         run(train_argv(elpv_small, tmp_path / 'acc4', '--epochs', '1', '--best_metric', 'acc4'))
+
+
+def test_epochs_within_budget_counts_whole_epochs_left():
+    # 600 s budget, 100 s so far, 120 s an epoch: 4 more whole epochs after the first
+    assert budget.epochs_within_budget(600, 100, 120, 1, 30) == 5
+    assert budget.epochs_within_budget(600, 100, 120, 1, 30, reserve_s=30) == 4  # 470 s left: 3 more
+    assert budget.epochs_within_budget(600, 100, 120, 1, 3) == 3  # --epochs stays the upper bound
+    assert budget.epochs_within_budget(600, 700, 120, 1, 30) == 1  # spent already: the epoch run is the run
+
+
+def test_time_budget_fixes_the_length_then_only_shortens_it():
+    import time
+    built = []
+    run_budget = budget.TimeBudget(10, 30, started=time.time() - 90)  # 600 s; 90 s spent before epoch 1 ended
+    assert run_budget.length == 30
+    assert run_budget.end_epoch(1, 100.0, 0.0, 'first', lambda n: built.append(n) or n) == 6  # 1 + 510 // 100
+    run_budget.t_start -= 260  # epoch 2 took 260 s: 350 s spent, 175 s an epoch on average: 1 + 1 more fit
+    assert run_budget.end_epoch(2, 250.0, 0.0, 6, lambda n: built.append(n) or n) == 3
+    assert run_budget.end_epoch(3, 1.0, 0.0, 3, lambda n: built.append(n) or n) == 3  # faster now: kept, not longer
+    assert built == [6, 3] and run_budget.length == 3
+    saved = run_budget.state()
+    assert saved['epochs'] == 3 and saved['epoch_times'] == [100.0, 250.0, 1.0] and saved['spent_s'] > 350
+    resumed = budget.TimeBudget(10, 30, saved, 'checkpoint-last.pth')  # a resumed run goes on from there
+    assert resumed.length == 3 and resumed.elapsed_s() >= saved['spent_s']
+    assert budget.TimeBudget(10, 30, None, 'old.pth').end_epoch(4, 1.0, 0.0, 'kept', None) == 'kept'  # no budget
+
+
+def test_warm_up_excess_is_what_the_first_steps_took_beyond_the_rest():
+    from engine import warm_up_excess
+    assert warm_up_excess([9.0, 3.0, 1.5, 1.0, 1.2, 0.8, 1.0]) == pytest.approx(13.5 - 3 * 1.0)
+    assert warm_up_excess([0.5, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0]) == 0.0  # faster first steps: nothing, never below 0
+    assert warm_up_excess([9.0, 1.0, 1.0, 1.0]) == 0.0  # too few steps to tell
+
+
+@pytest.mark.parametrize('warmup', ['1', '0'])
+def test_schedule_fixed_after_first_epoch_follows_the_shorter_run(warmup):
+    """The LR schedule built for --epochs 10 and built again for 4 at the end of epoch 1 sets, from then on, the rates
+    of a schedule built for 4 epochs from the start; with a warm-up epoch the first epoch's rates were the same too."""
+    from engine import build_lr_scheduler, build_optimizer
+    args = cli.get_args_parser().parse_args(['--epochs', '10', '--warmup_epochs', warmup, '--lr', '1e-3'])
+
+    def rates(epochs, rebuild_after=None):  # the rate each of 16 batches (4 epochs of 4) trains with
+        optimizer, scheduler = build_optimizer(torch.nn.Linear(2, 2), argparse_copy(args, epochs=epochs),
+                                               updates_per_epoch=4)
+        out = [optimizer.param_groups[0]['lr']]
+        for update in range(1, 16):
+            scheduler.step_update(num_updates=update)
+            if update == rebuild_after:
+                scheduler = build_lr_scheduler(optimizer, args, 4, 4, updates_done=update)
+            out.append(optimizer.param_groups[0]['lr'])
+        return out
+
+    direct, rebuilt = rates(4), rates(10, rebuild_after=4)
+    assert rebuilt[4:] == pytest.approx(direct[4:], rel=1e-9)
+    assert rebuilt[-1] < 0.05 * args.lr  # the cosine ends with the shortened run
+    assert (rebuilt[:4] == pytest.approx(direct[:4], rel=1e-9)) == (warmup == '1')
+
+
+def argparse_copy(args, **changes):
+    return type(args)(**{**vars(args), **changes})
+
+
+def test_time_budget_fixes_the_run_length_and_resume_keeps_it(elpv_small, tmp_path, monkeypatch):
+    """--time_budget fixes the epoch count after the first epoch (here 3 of at most 6, what fits stubbed: wall time
+    is not reproducible); the schedule ends at --min_lr on the last epoch; a run stopped at epoch 3 and resumed keeps
+    3 epochs and the uninterrupted run's figures; a budget spent by the first epoch ends the run there."""
+    full, cut, spent = tmp_path / 'full', tmp_path / 'cut', tmp_path / 'spent'
+
+    def argv(out, *extra):
+        return train_argv(elpv_small, out, '--epochs', '6', '--warmup_epochs', '1', '--time_budget', '5', *extra)
+
+    asked = []
+    monkeypatch.setattr(budget, 'epochs_within_budget', lambda *a, **k: asked.append(a) or 3)
+    summary = run(argv(full))
+    budget_s, elapsed_s, epoch_s, done, most, _ = asked[0]
+    assert (budget_s, done, most) == (300, 1, 6) and elapsed_s > 0 and epoch_s > 0
+    assert [a[3] for a in asked] == [1, 2, 3]  # asked after every epoch (it may only shorten the run)
+    straight = [json.loads(x) for x in (full / 'log.txt').read_text().splitlines()]
+    assert [r['epoch'] for r in straight] == [0, 1, 2] and summary['epochs_run'] == 3
+    assert straight[-1]['lr'] == pytest.approx(1e-6)  # the cosine ends with the shortened run
+    assert torch.load(full / 'checkpoint-last.pth', weights_only=True)['time_budget']['epochs'] == 3
+
+    monkeypatch.setattr(cli, 'train_one_epoch', stopped_at(cli.train_one_epoch, 2, 5))  # as epoch 3 starts
+    with pytest.raises(KeyboardInterrupt):
+        run(argv(cut))
+    monkeypatch.undo()
+    monkeypatch.setattr(budget, 'epochs_within_budget', lambda *a, **k: 6)  # the checkpoint's 3 stays: never longer
+    run(argv(cut, '--auto_resume', 'True'))
+    resumed = [json.loads(x) for x in (cut / 'log.txt').read_text().splitlines()]
+    assert_same_epochs(resumed, straight, ['train_loss', 'lr'], ['val_auroc'])
+
+    monkeypatch.undo()
+    summary = run(argv(spent, '--time_budget', '0.001'))  # 0.06 s: spent before the first epoch ends
+    assert summary['epochs_run'] == 1 and len((spent / 'log.txt').read_text().splitlines()) == 1
