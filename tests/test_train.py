@@ -151,6 +151,7 @@ def test_prediction_unlabelled_folder_and_ensemble(trained, elpv_small, tmp_path
     (['--model_ema_eval', 'True'], 'model_ema_eval True needs --model_ema True'),
     (['--model_ema', 'True', '--model_ema_decay', '1'], 'model_ema_decay must lie in'),
     (['--best_metric', 'val_auroc'], "best_metric: 'val_auroc' is not a metric"),
+    (['--time_budget', '0'], 'time_budget must be > 0 minutes, got 0'),
 ])
 def test_bad_input_one_line(flags, match, tmp_path, elpv_small):
     argv = train_argv(elpv_small, tmp_path / 'o')
