@@ -85,15 +85,15 @@ class TimeBudget:
         if self.budget_s is None:
             return lr_scheduler
         self.epoch_times.append(epoch_s)
-        fits = epochs_within_budget(self.budget_s, self.elapsed_s(), statistics.fmean(self.epoch_times), done,
-                                    self.most, reserve_s)
+        mean_s = statistics.fmean(self.epoch_times)
+        fits = epochs_within_budget(self.budget_s, self.elapsed_s(), mean_s, done, self.most, reserve_s)
         length = broadcast_object(fits if self.epochs is None else min(self.epochs, fits))
         if length == self.epochs:
             return lr_scheduler
         if is_main_process():
             what = 'fixed at' if self.epochs is None else f'shortened from {self.epochs} to'
             print(f'--time_budget {self.budget_s / 60:g} min: {self.elapsed_s():.0f} s so far, about '
-                  f'{statistics.fmean(self.epoch_times):.0f} s an epoch: length {what} {length} epoch(s) of at most '
+                  f'{mean_s:.0f} s an epoch: length {what} {length} epoch(s) of at most '
                   f'{self.most}', flush=True)
         self.epochs = length
         return rebuild(length)
