@@ -102,9 +102,15 @@ def gemm_peak(device, bf16, n=2048, repeats=5):
 
 
 def training_images(opts, args):
-    """The first (warmup + steps) batches' worth of the split's training list."""
+    """The split's lists and (warmup + steps) batches' worth of its training list, from its start: the list taken
+    again from its first image as often as needed, so a fast device's longer window never runs out of images.
+
+    Returns:
+        (dict 'train'/'val'/'test' -> DataFrame, DataFrame of (warmup + steps) x batch_size rows).
+    """
     splits = load_splits([opts.data_path], args.test_val_ratio, runtime.split_seed(args))
-    return splits, splits['train'].iloc[:(opts.warmup + opts.steps) * args.batch_size]
+    train, rows = splits['train'], (opts.warmup + opts.steps) * args.batch_size
+    return splits, train.iloc[[i % len(train) for i in range(rows)]].reset_index(drop=True)
 
 
 def measure(opts, pipeline):

@@ -276,6 +276,21 @@ def test_benchmark_pipelines_take_turns(tmp_path):
         interleave({'broken': child('fail'), 'fast': child('0.02')}, rounds=3)  # the second never starts
 
 
+def test_benchmark_window_longer_than_the_training_list(elpv_small):
+    # a fast device's window (warm-up + timed steps) can ask for more batches than the split holds: the list is
+    # taken again from its start, so each pipeline gets all its steps (else timm's one-epoch loader ran out)
+    import benchmark
+    opts = benchmark.get_args_parser().parse_args(['--data_path', str(elpv_small), '--test_val_ratio', '0.25', '0.25',
+                                                   '--batch_size', '4', '--steps', '10', '--warmup', '2'])
+    splits, frame = benchmark.training_images(opts, benchmark.pipeline_args(opts, 'timm'))
+    train = splits['train']
+    assert len(train) < 48 and len(frame) == 48 and list(frame.index) == list(range(48))
+    assert list(frame['path']) == [train['path'].iloc[i % len(train)] for i in range(48)]
+    opts.steps = 1  # a short window keeps the list's first images
+    assert list(benchmark.training_images(opts, benchmark.pipeline_args(opts, 'tuned'))[1]['path']) == \
+        list(train['path'].iloc[:12])
+
+
 def test_forged_cache_file_never_runs_and_is_rebuilt(elpv_small, tmp_path, caplog):
     import pickle
     frame = load_splits([elpv_small], (0.25, 0.25), 0)['train'].iloc[:3]
