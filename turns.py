@@ -133,7 +133,7 @@ class Child:
         """
         line = self.reports.readline().split()
         if not line or line[0] != word:
-            raise self.failure()
+            raise self.failure(word)
         return line[1:]
 
     def go(self):
@@ -144,15 +144,19 @@ class Child:
         except (BrokenPipeError, OSError):
             raise self.failure() from None
 
-    def failure(self):
+    def failure(self, expected=None):
         """The exception for a process that stopped early: DataError with its one-line ``error:`` message (e.g. a
-        missing data folder), else RuntimeError with the end of its stderr."""
+        missing data folder), else RuntimeError with the end of its stderr; one that ended cleanly without the
+        ``expected`` report (str) ran out of steps, which the message says."""
         self.proc.wait()
         self.err.seek(0)
         stderr = self.err.read()
         last = stderr.strip().splitlines()[-1:] or ['']
         if last[0].startswith('error: '):
             return DataError(f'{self.name} pipeline: {last[0][len("error: "):]}')
+        if self.proc.returncode == 0 and expected:
+            return RuntimeError(f'{self.name} pipeline ended without its "{expected}" report: its loader ran out of '
+                                f'batches before the last turn')
         return RuntimeError(f'{self.name} pipeline failed (exit status {self.proc.returncode}):\n{stderr[-3000:]}')
 
     def finish(self):
