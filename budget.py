@@ -1,11 +1,13 @@
 """A run's length under a wall-time budget (``--time_budget MINUTES``), for the classifier and FCMAE epoch loops.
 
 After the first epoch the run fixes its length: as many whole epochs as fit in what is left of the budget, at most
-``--epochs``; after each later epoch it shortens that length when the epochs turn out slower than estimated (a
-shared machine's speed drifts), never lengthens it. Each change rebuilds the LR schedule for the new length from
-the current update on, so the cosine still ends at ``--min_lr`` on the last epoch. Ultralytics YOLO's ``time``
-argument has the same aim (it recomputes the length every epoch, both ways). The length, the seconds spent and the
-epoch times are kept in the checkpoint, so a resumed run goes on with them.
+``--epochs``. After each later epoch it computes that again from the mean epoch time so far (a shared machine's
+speed drifts): it shortens the length when the epochs turn out slower than estimated, and lengthens it when more
+epochs would fit even at ``LENGTHEN_MARGIN`` times that mean (so one slow epoch early on does not cost the rest of
+the budget, and a length near the edge does not go back and forth). Each change rebuilds the LR schedule for the new length
+from the current update on, so the cosine still ends at ``--min_lr`` on the last epoch. Ultralytics YOLO's
+``time`` argument has the same aim (it recomputes the length every epoch, both ways). The length, the seconds spent
+and the epoch times are kept in the checkpoint, so a resumed run goes on with them.
 """
 import logging
 import statistics
@@ -14,6 +16,8 @@ import time
 from distributed import broadcast_object, is_main_process
 
 log = logging.getLogger('budget')
+
+LENGTHEN_MARGIN = 1.1  # a longer run must still fit with epochs this many times slower than their mean so far
 
 
 def epochs_within_budget(budget_s, elapsed_s, epoch_s, done, most, reserve_s=0.0):
@@ -70,8 +74,8 @@ class TimeBudget:
         return {'epochs': self.epochs, 'spent_s': self.elapsed_s(), 'epoch_times': list(self.epoch_times)}
 
     def end_epoch(self, done, epoch_s, reserve_s, lr_scheduler, rebuild):
-        """Record a finished epoch and fix (after the first) or shorten the length; under torchrun the first
-        process decides for all.
+        """Record a finished epoch and fix (after the first), shorten or lengthen the length (see the module
+        docstring); under torchrun the first process decides for all.
 
         Args:
             done: int, epochs finished. epoch_s: float, that epoch's seconds, training and validation, less the
@@ -85,13 +89,17 @@ class TimeBudget:
         if self.budget_s is None:
             return lr_scheduler
         self.epoch_times.append(epoch_s)
-        mean_s = statistics.fmean(self.epoch_times)
-        fits = epochs_within_budget(self.budget_s, self.elapsed_s(), mean_s, done, self.most, reserve_s)
-        length = broadcast_object(fits if self.epochs is None else min(self.epochs, fits))
+        mean_s, elapsed_s = statistics.fmean(self.epoch_times), self.elapsed_s()
+        fits = epochs_within_budget(self.budget_s, elapsed_s, mean_s, done, self.most, reserve_s)
+        if self.epochs is not None and fits > self.epochs:  # longer only with room to spare
+            fits = max(self.epochs, epochs_within_budget(self.budget_s, elapsed_s, mean_s * LENGTHEN_MARGIN, done,
+                                                         self.most, reserve_s))
+        length = broadcast_object(fits)
         if length == self.epochs:
             return lr_scheduler
         if is_main_process():
-            what = 'fixed at' if self.epochs is None else f'shortened from {self.epochs} to'
+            what = ('fixed at' if self.epochs is None else
+                    f'{"shortened" if length < self.epochs else "lengthened"} from {self.epochs} to')
             print(f'--time_budget {self.budget_s / 60:g} min: {self.elapsed_s():.0f} s so far, about '
                   f'{mean_s:.0f} s an epoch: length {what} {length} epoch(s) of at most '
                   f'{self.most}', flush=True)

@@ -67,7 +67,8 @@ def add_optimisation_flags(p):
     g.add_argument('--epochs', type=int, default=30)
     g.add_argument('--time_budget', type=float, default=None,
                    help='wall minutes for the whole run: after the first epoch its length is fixed to the whole '
-                        'epochs that fit (at most --epochs), shortened later if epochs run slower; default: none')
+                        'epochs that fit (at most --epochs), then shortened or lengthened as later epochs run slower '
+                        'or faster; default: none')
     g.add_argument('--update_freq', type=int, default=1, help='gradient accumulation steps')
     g.add_argument('--opt', default='adamw', help='timm optimizer name')
     g.add_argument('--opt_eps', type=float, default=1e-8)

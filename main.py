@@ -257,7 +257,7 @@ def train(args):
     runlog = RunLog(args, start_epoch, len(data.train_loader))
     try:  # logs flushed and closed on any exit, an error or Ctrl-C included
         epoch = start_epoch - 1
-        for epoch in range(start_epoch, args.epochs):
+        for epoch in range(start_epoch, budget.most):  # ends at budget.length
             t0 = time.time()
             seed_everything(args.seed + epoch + 1000 * get_rank())  # same order and augmentation, resumed or not
             seed_loader(data.train_loader, args.seed, epoch)
@@ -289,7 +289,7 @@ def train(args):
                 if is_main_process():
                     print(f'early stop: no better val {args.best_metric} for {args.early_stop_epoch} epochs')
                 break
-            if epoch + 1 >= args.epochs:  # the length --time_budget fixed or shortened
+            if epoch + 1 >= args.epochs:  # the length --time_budget fixed, shortened or lengthened
                 break
         if epoch >= start_epoch:
             runlog.checkpoint(out / 'checkpoint-last.pth', ['latest'])

@@ -144,7 +144,7 @@ def run(args):
     try:  # logs flushed and closed on any exit
         encoder_args = {k: getattr(args, k) for k in ('model', 'in_chans', 'input_size', 'normalize', 'drop_path')}
         stats = {'loss': float('nan')}
-        for epoch in range(start_epoch, args.epochs):
+        for epoch in range(start_epoch, budget.most):  # ends at budget.length
             t0 = time.time()
             seed_everything(args.seed + epoch)
             seed_loader(loader, args.seed, epoch)
@@ -163,7 +163,7 @@ def run(args):
                               out / 'encoder.pth')
             print(f'pretrain epoch {epoch + 1}/{args.epochs} loss {stats["loss"]:.4f} | {record["time_s"]:.0f}s',
                   flush=True)
-            if epoch + 1 >= args.epochs:  # the length --time_budget fixed or shortened
+            if epoch + 1 >= args.epochs:  # the length --time_budget fixed, shortened or lengthened
                 break
     finally:
         runlog.close()

@@ -147,7 +147,8 @@ def test_checkpoint_kinds_are_not_mixed(elpv_small, tmp_path):
 
 def test_pretraining_time_budget_fixes_the_length_and_resume_keeps_it(elpv_small, tmp_path, monkeypatch):
     """--time_budget on FCMAE pretraining: the length decided after the first epoch (stubbed to 2 of at most 5:
-    wall time is not reproducible) ends the run and its cosine there, and a resumed run keeps it."""
+    wall time is not reproducible) ends the run and its cosine there; a resumed run keeps it, and lengthens it (to 3)
+    when more epochs fit."""
     import budget
     import pretrain
 
@@ -163,7 +164,8 @@ def test_pretraining_time_budget_fixes_the_length_and_resume_keeps_it(elpv_small
     with pytest.raises(KeyboardInterrupt):
         cli.main(argv(tmp_path / 'cut'))
     monkeypatch.undo()
-    monkeypatch.setattr(budget, 'epochs_within_budget', lambda *a, **k: 5)  # the checkpoint's 2 stays: never longer
-    cli.main(argv(tmp_path / 'cut', '--auto_resume', 'True'))
+    monkeypatch.setattr(budget, 'epochs_within_budget', lambda *a, **k: 3)  # after epoch 2, one more fits
+    summary = cli.main(argv(tmp_path / 'cut', '--auto_resume', 'True'))
     cut = [json.loads(x) for x in (tmp_path / 'cut' / 'log.txt').read_text().splitlines()]
-    assert_same_epochs(cut, full, ['pretrain_loss', 'lr'])
+    assert_same_epochs(cut[:2], full, ['pretrain_loss', 'lr'])  # epoch 2 on the stored length
+    assert summary['epochs_run'] == 3 and cut[-1]['lr'] == pytest.approx(1e-6)  # lengthened past the stored 2

@@ -394,20 +394,26 @@ def test_epochs_within_budget_counts_whole_epochs_left():
     assert budget.epochs_within_budget(600, 700, 120, 1, 30) == 1  # spent already: the epoch run is the run
 
 
-def test_time_budget_fixes_the_length_then_only_shortens_it():
+def test_time_budget_fixes_then_shortens_or_lengthens_the_length(capsys):
     import time
     built = []
+    rebuild = lambda n: built.append(n) or n
     run_budget = budget.TimeBudget(10, 30, started=time.time() - 90)  # 600 s; 90 s spent before epoch 1 ended
     assert run_budget.length == 30
-    assert run_budget.end_epoch(1, 100.0, 0.0, 'first', lambda n: built.append(n) or n) == 6  # 1 + 510 // 100
-    run_budget.t_start -= 260  # epoch 2 took 260 s: 350 s spent, 175 s an epoch on average: 1 + 1 more fit
-    assert run_budget.end_epoch(2, 250.0, 0.0, 6, lambda n: built.append(n) or n) == 3
-    assert run_budget.end_epoch(3, 1.0, 0.0, 3, lambda n: built.append(n) or n) == 3  # faster now: kept, not longer
-    assert built == [6, 3] and run_budget.length == 3
+    assert run_budget.end_epoch(1, 100.0, 0.0, 'first', rebuild) == 6  # 1 + 510 // 100
+    run_budget.t_start -= 70  # epoch 2 took 70 s: 160 s spent, 85 s an epoch: 7 would fit, but not at 1.1 x 85 s
+    assert run_budget.end_epoch(2, 70.0, 0.0, 6, rebuild) == 6
+    run_budget.t_start -= 250  # epoch 3 took 250 s: 410 s spent, 140 s an epoch on average: 3 + 1 more fit
+    assert run_budget.end_epoch(3, 250.0, 0.0, 6, rebuild) == 4
+    run_budget.t_start -= 1  # epoch 4 took 1 s: 411 s spent, 105 s an epoch: 4 + 1 more fit even at 1.1 x 105 s
+    assert run_budget.end_epoch(4, 1.0, 0.0, 4, rebuild) == 5
+    assert built == [6, 4, 5] and run_budget.length == 5
+    printed = capsys.readouterr().out
+    assert 'length fixed at 6' in printed and 'shortened from 6 to 4' in printed and 'lengthened from 4 to 5' in printed
     saved = run_budget.state()
-    assert saved['epochs'] == 3 and saved['epoch_times'] == [100.0, 250.0, 1.0] and saved['spent_s'] > 350
+    assert saved['epochs'] == 5 and saved['epoch_times'] == [100.0, 70.0, 250.0, 1.0] and saved['spent_s'] > 410
     resumed = budget.TimeBudget(10, 30, saved, 'checkpoint-last.pth')  # a resumed run goes on from there
-    assert resumed.length == 3 and resumed.elapsed_s() >= saved['spent_s']
+    assert resumed.length == 5 and resumed.elapsed_s() >= saved['spent_s']
     assert budget.TimeBudget(10, 30, None, 'old.pth').end_epoch(4, 1.0, 0.0, 'kept', None) == 'kept'  # no budget
 
 
@@ -448,8 +454,9 @@ def argparse_copy(args, **changes):
 
 def test_time_budget_fixes_the_run_length_and_resume_keeps_it(elpv_small, tmp_path, monkeypatch):
     """--time_budget fixes the epoch count after the first epoch (here 3 of at most 6, what fits stubbed: wall time
-    is not reproducible); the schedule ends at --min_lr on the last epoch; a run stopped at epoch 3 and resumed keeps
-    3 epochs and the uninterrupted run's figures; a budget spent by the first epoch ends the run there."""
+    is not reproducible); the schedule ends at --min_lr on the last epoch; a run stopped at epoch 3 and resumed runs
+    epoch 3 as the uninterrupted run did, then goes on to 4 when 4 fit; a budget spent by the first epoch ends the
+    run there."""
     full, cut, spent = tmp_path / 'full', tmp_path / 'cut', tmp_path / 'spent'
 
     def argv(out, *extra):
@@ -460,7 +467,7 @@ def test_time_budget_fixes_the_run_length_and_resume_keeps_it(elpv_small, tmp_pa
     summary = run(argv(full))
     budget_s, elapsed_s, epoch_s, done, most, _ = asked[0]
     assert (budget_s, done, most) == (300, 1, 6) and elapsed_s > 0 and epoch_s > 0
-    assert [a[3] for a in asked] == [1, 2, 3]  # asked after every epoch (it may only shorten the run)
+    assert [a[3] for a in asked] == [1, 2, 3]  # asked after every epoch (it may shorten or lengthen the run)
     straight = [json.loads(x) for x in (full / 'log.txt').read_text().splitlines()]
     assert [r['epoch'] for r in straight] == [0, 1, 2] and summary['epochs_run'] == 3
     assert straight[-1]['lr'] == pytest.approx(1e-6)  # the cosine ends with the shortened run
@@ -470,10 +477,13 @@ def test_time_budget_fixes_the_run_length_and_resume_keeps_it(elpv_small, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         run(argv(cut))
     monkeypatch.undo()
-    monkeypatch.setattr(budget, 'epochs_within_budget', lambda *a, **k: 6)  # the checkpoint's 3 stays: never longer
-    run(argv(cut, '--auto_resume', 'True'))
+    monkeypatch.setattr(budget, 'epochs_within_budget', lambda *a, **k: 4)  # after epoch 3, one more fits
+    summary = run(argv(cut, '--auto_resume', 'True'))
     resumed = [json.loads(x) for x in (cut / 'log.txt').read_text().splitlines()]
-    assert_same_epochs(resumed, straight, ['train_loss', 'lr'], ['val_auroc'])
+    assert_same_epochs(resumed[:3], straight, ['train_loss', 'lr'], ['val_auroc'])  # epoch 3 on the stored length
+    assert summary['epochs_run'] == 4 and resumed[-1]['lr'] == pytest.approx(1e-6)  # lengthened past the stored 3
+    kept = torch.load(cut / 'checkpoint-last.pth', weights_only=True)['time_budget']
+    assert kept['epochs'] == 4 and len(kept['epoch_times']) == 4  # the first process's epochs carried over
 
     monkeypatch.undo()
     summary = run(argv(spent, '--time_budget', '0.001'))  # 0.06 s: spent before the first epoch ends
