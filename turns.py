@@ -147,7 +147,7 @@ class Child:
     def failure(self, expected=None):
         """The exception for a process that stopped early: DataError with its one-line ``error:`` message (e.g. a
         missing data folder), else RuntimeError with the end of its stderr; one that ended cleanly without the
-        ``expected`` report (str) ran out of steps, which the message says."""
+        ``expected`` report (str), as one whose loader runs out of batches does, is named so."""
         self.proc.wait()
         self.err.seek(0)
         stderr = self.err.read()
@@ -155,8 +155,8 @@ class Child:
         if last[0].startswith('error: '):
             return DataError(f'{self.name} pipeline: {last[0][len("error: "):]}')
         if self.proc.returncode == 0 and expected:
-            return RuntimeError(f'{self.name} pipeline ended without its "{expected}" report: its loader ran out of '
-                                f'batches before the last turn')
+            return RuntimeError(f'{self.name} pipeline ended before its "{expected}" report (as one does whose loader '
+                                f'holds fewer batches than its warm-up and timed steps)')
         return RuntimeError(f'{self.name} pipeline failed (exit status {self.proc.returncode}):\n{stderr[-3000:]}')
 
     def finish(self):
