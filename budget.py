@@ -4,10 +4,10 @@ After the first epoch the run fixes its length: as many whole epochs as fit in w
 ``--epochs``. After each later epoch it computes that again from the mean epoch time so far (a shared machine's
 speed drifts): it shortens the length when the epochs turn out slower than estimated, and lengthens it when more
 epochs would fit even at ``LENGTHEN_MARGIN`` times that mean (so one slow epoch early on does not cost the rest of
-the budget, and a length near the edge does not go back and forth). Each change rebuilds the LR schedule for the new length
-from the current update on, so the cosine still ends at ``--min_lr`` on the last epoch. Ultralytics YOLO's
-``time`` argument has the same aim (it recomputes the length every epoch, both ways). The length, the seconds spent
-and the epoch times are kept in the checkpoint, so a resumed run goes on with them.
+the budget, and a length near the edge does not go back and forth). Each change rebuilds the LR schedule for the
+new length from the current update on, so the cosine still ends at ``--min_lr`` on the last epoch. Ultralytics
+YOLO's ``time`` argument has the same aim (it recomputes the length every epoch, both ways). The length, the
+seconds spent and the epoch times are kept in the checkpoint, so a resumed run goes on with them.
 """
 import logging
 import statistics
