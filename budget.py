@@ -100,7 +100,7 @@ class TimeBudget:
         if is_main_process():
             what = ('fixed at' if self.epochs is None else
                     f'{"shortened" if length < self.epochs else "lengthened"} from {self.epochs} to')
-            print(f'--time_budget {self.budget_s / 60:g} min: {self.elapsed_s():.0f} s so far, about '
+            print(f'--time_budget {self.budget_s / 60:g} min: {elapsed_s:.0f} s so far, about '
                   f'{mean_s:.0f} s an epoch: length {what} {length} epoch(s) of at most '
                   f'{self.most}', flush=True)
         self.epochs = length

@@ -145,7 +145,7 @@ def test_checkpoint_kinds_are_not_mixed(elpv_small, tmp_path):
         cli.main(fcmae_argv(elpv_small, tmp_path / 'b', '--resume', tmp_path / 'cls' / 'checkpoint-last.pth'))
 
 
-def test_pretraining_time_budget_fixes_the_length_and_resume_keeps_it(elpv_small, tmp_path, monkeypatch):
+def test_pretraining_time_budget_fixes_the_length_and_resume_goes_on_from_it(elpv_small, tmp_path, monkeypatch):
     """--time_budget on FCMAE pretraining: the length decided after the first epoch (stubbed to 2 of at most 5:
     wall time is not reproducible) ends the run and its cosine there; a resumed run keeps it, and lengthens it (to 3)
     when more epochs fit."""

@@ -452,7 +452,7 @@ def argparse_copy(args, **changes):
     return type(args)(**{**vars(args), **changes})
 
 
-def test_time_budget_fixes_the_run_length_and_resume_keeps_it(elpv_small, tmp_path, monkeypatch):
+def test_time_budget_fixes_the_run_length_and_resume_goes_on_from_it(elpv_small, tmp_path, monkeypatch):
     """--time_budget fixes the epoch count after the first epoch (here 3 of at most 6, what fits stubbed: wall time
     is not reproducible); the schedule ends at --min_lr on the last epoch; a run stopped at epoch 3 and resumed runs
     epoch 3 as the uninterrupted run did, then goes on to 4 when 4 fit; a budget spent by the first epoch ends the
