@@ -107,9 +107,13 @@ def training_images(opts, args):
 
     Returns:
         (dict 'train'/'val'/'test' -> DataFrame, DataFrame of (warmup + steps) x batch_size rows).
+
+    Raises:
+        DataError: see ``datasets.load_splits``; an empty training split or one with unlabelled samples.
     """
     splits = load_splits([opts.data_path], args.test_val_ratio, runtime.split_seed(args))
-    train, rows = splits['train'], (opts.warmup + opts.steps) * args.batch_size
+    train = runtime.check_training_list(splits['train'], opts.data_path)
+    rows = (opts.warmup + opts.steps) * args.batch_size
     return splits, train.iloc[[i % len(train) for i in range(rows)]].reset_index(drop=True)
 
 

@@ -188,6 +188,17 @@ class TrainingData:
     cache: ImageCache
 
 
+def check_training_list(frame, data_path):
+    """``frame`` (a training split's sample list) when it can be trained on.
+
+    Raises:
+        DataError: the list is empty or holds samples without one of the four labels (one line naming ``data_path``).
+    """
+    if not len(frame) or not frame['label'].isin(LABELS).all():
+        raise DataError(f'{data_path}: the training split is empty or has unlabelled samples')
+    return frame
+
+
 def load_training_data(args, device):
     """Split lists, the upsampled training list, the image cache, Datasets and loaders of a training run.
 
@@ -197,9 +208,7 @@ def load_training_data(args, device):
         DataError: see ``datasets.load_splits``; an empty training split or one with unlabelled samples.
     """
     splits = main_first(lambda: load_splits(args.data_path, args.test_val_ratio, split_seed(args), args.label_list))
-    train_frame = splits['train']
-    if not len(train_frame) or not train_frame['label'].isin(LABELS).all():
-        raise DataError(f'{args.data_path[0]}: the training split is empty or has unlabelled samples')
+    train_frame = check_training_list(splits['train'], args.data_path[0])
     log.info(f'train {label_counts(train_frame)}, val {label_counts(splits["val"]) if len(splits["val"]) else {}}, '
              f'test {label_counts(splits["test"]) if len(splits["test"]) else {}}')
     train_frame = upsample(train_frame, args.upsample, args.seed)

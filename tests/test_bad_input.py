@@ -237,6 +237,18 @@ def test_benchmark_data_path_missing_or_not_prepared(tmp_path, capsys):
                  'steps 3 must be a multiple of --rounds 2', capsys)
 
 
+def test_benchmark_split_folder_without_training_images(tmp_path, elpv_small, capsys):
+    # a split folder given directly whose train.csv lists no image: refused in one line, not a division by zero
+    folder = tmp_path / 'split'
+    folder.mkdir()
+    listed = pd.read_csv(elpv_small / 'list.csv').assign(path=lambda f: [str(elpv_small / p) for p in f['path']])
+    listed.iloc[:0].to_csv(folder / 'train.csv', index=False)
+    for s in ('val', 'test'):
+        listed.iloc[:4].to_csv(folder / f'{s}.csv', index=False)
+    expect_error('benchmark', ['--data_path', folder, '--steps', '1', '--rounds', '1', '--warmup', '0'],
+                 r'^error: tuned pipeline: .*split: the training split is empty', capsys)
+
+
 def test_folder_of_non_images(tmp_path, capsys):
     for label in ('neg', 'pos'):
         (tmp_path / 'data' / label).mkdir(parents=True)
