@@ -1,9 +1,10 @@
 """Precision and memory format chosen per machine: ``--use_amp auto`` and ``--channels_last auto``.
 
 Whether bf16 autocast and channels_last make a ConvNeXt training step faster depends on the processor: bf16 trains
-1.6x faster than fp32 on an AMD EPYC and 0.62x as fast on an Intel Xeon with AVX512-BF16 but no AMX. So on a CPU
-the choice is measured: a few forward+backward steps of the actual model at the actual input size and batch, for
-each candidate the flags leave open, and the fastest wins. The answer is remembered per machine, torch version,
+1.6x faster than fp32 on an AMD EPYC, 0.62x as fast on an Intel Xeon with AVX512-BF16 but no AMX, 1.09x as fast on
+one with AMX, and 11-14x slower on an AMD EPYC without AVX512 (no bf16 arithmetic). So on a CPU the choice is
+measured: a few forward+backward steps of the actual model at the actual input size and batch, for each candidate
+the flags leave open, and the fastest wins. The answer is remembered per machine, torch version,
 model, input size, batch and channels in a JSON file (``$CONVNEXT_PRECISION_CACHE``, default
 ``~/.cache/convnext_softlabel/precision.json``), so later runs skip the probe. Evaluation and prediction
 (``main.py --eval/--pred``, ``predict.Predictor``, ``serve.py``) are decided by forward passes alone, under
