@@ -10,14 +10,15 @@ to ONNX and run by onnxruntime on CPU (``onnx eval img/s``, tuned pipeline), pea
 of the machine's measured GEMM peak the training reaches (model FLOPs per image x images/s; 3x the forward FLOPs that
 torch's ``FlopCounterMode`` counts). Each pipeline runs in its own process:
 
-- tuned: this project's pipeline as main.py runs it (decode-once cache, ``--use_amp auto --channels_last auto``,
-  ``--compile auto`` decided for a training of ``--epochs`` epochs of the split; compiling happens in the warm-up;
-  torch's fused AdamW step, ``--opt_fused True``; freed memory reused, ``--reuse_freed_memory True``).
+- tuned: this project's pipeline as main.py runs it (decode-once cache, ``--use_amp``, ``--channels_last`` and
+  ``--depthwise_fp32`` auto, ``--compile auto`` decided for a training of ``--epochs`` epochs of the split;
+  compiling happens in the warm-up; torch's fused AdamW step, ``--opt_fused True``; freed memory reused,
+  ``--reuse_freed_memory True``).
 - plain (``--compare True``): no cache, fp32, contiguous memory, the per-parameter AdamW step (``--opt_fused False``).
 - timm (``--peer timm``): a training loop built from timm's public pieces as timm's train.py builds it: timm's
   ImageFolder dataset and ``create_loader`` over the same training images, ``create_model``, ``create_optimizer_v2``,
   ``torch.autocast`` and channels_last as train.py applies them, cross-entropy. It runs in the precision the same
-  probe picks for the model on this machine.
+  probe picks for the model on this machine among those timm offers (``--depthwise_fp32 False``).
 
 The pipelines' processes take turns on the machine (``interleave``): each sets up and warms up alone, then the
 ``--steps`` timed steps of each run in ``--rounds`` turns, one process at a time, alternating (tuned, timm, timm,
@@ -43,7 +44,7 @@ from datasets import load_splits
 from engine import build_optimizer, predict_probs, train_one_epoch
 from labels import LABELS
 from models import build_model
-from precision import choose_compile
+from precision import settings_label
 from preprocess_data import split_name
 from softLabelLoss import SoftLabelLoss
 from turns import Gate, SteadyWindow, interleave, round_ratios
@@ -69,6 +70,7 @@ def pipeline_args(opts, pipeline):
         flags += ['--cache', 'memory', '--use_amp', 'auto', '--channels_last', 'auto', '--compile', str(opts.compile),
                   '--opt_fused', str(opts.opt_fused),
                   '--reuse_freed_memory', str(opts.reuse_freed_memory and pipeline == 'tuned')]
+        flags += ['--depthwise_fp32', 'False'] if pipeline == 'timm' else []  # not a choice timm's train.py has
     return cli.get_args_parser().parse_args(flags)
 
 
@@ -121,14 +123,13 @@ def measure(opts, pipeline):
     """Figures of the tuned or plain pipeline: dict of images/s, loader share, GEMM-peak fraction, memory."""
     args = pipeline_args(opts, pipeline)
     splits, frame = training_images(opts, args)  # bad data is refused before the precision probe
-    dev = runtime.device_settings(args)
+    run_steps = opts.epochs * max(1, len(splits['train']) // args.batch_size)  # the training --compile auto is for
+    dev = runtime.device_settings(args, steps=run_steps)  # precision and --compile
     cache = runtime.make_cache(args, len(frame) + len(splits['test'])) if pipeline == 'tuned' else None
     train_set = runtime.make_dataset(frame, args, True, cache)
     eval_set = runtime.make_dataset(splits['test'], args, False, cache)
     model = build_model(args)
     flops = train_flops_per_image(model, args, torch.device('cpu'))
-    run_steps = opts.epochs * max(1, len(splits['train']) // args.batch_size)  # the training --compile auto is for
-    args.compile = choose_compile(args, dev, lambda: build_model(args), run_steps)
     run_model = runtime.prepare_model(model, args, dev)
     optimizer, lr_scheduler = build_optimizer(model, args, len(train_set) // args.batch_size)
     criterion = SoftLabelLoss(args.nb_classes).to(dev.device)
@@ -140,7 +141,7 @@ def measure(opts, pipeline):
     out = {'train img/s': loader.images_per_second(opts.steps), 'turns s': loader.turns,
            'loader share': loader.loader_share()}
     out['GEMM peak share'] = flops * out['train img/s'] / gemm_peak(dev.device, dev.use_amp)
-    out['precision'] = dev_label(dev) + (' compiled' if args.compile else '')
+    out['precision'] = settings_label(dev) + (' compiled' if args.compile else '')
 
     eval_loader = runtime.make_loader(eval_set, args, dev.device, False)
     predict_probs(model, eval_loader, dev)  # warm-up
@@ -155,7 +156,8 @@ def measure(opts, pipeline):
         argv = ['--pred', 'True', '--resume', str(ckpt), '--eval_data_path', str(folder),
                 '--pred_save_path', str(Path(tmp) / 'pred'), '--pred_save', 'True', '--num_workers',
                 str(opts.num_workers), '--device', opts.device, '--use_amp', str(args.use_amp),
-                '--channels_last', str(args.channels_last), '--cache', 'none']
+                '--channels_last', str(args.channels_last), '--depthwise_fp32', str(args.depthwise_fp32),
+                '--cache', 'none']
         start = time.perf_counter()
         report = cli.main(argv)[0]
         out['predict img/s'] = len(report['table']) / (time.perf_counter() - start)
@@ -218,14 +220,9 @@ def measure_timm(opts):
             loss.item()  # timm's train.py reads the loss every step too
         gate.wait()  # the rest runs alone
     rate = window.images_per_second(opts.steps)
-    return {'train img/s': rate, 'turns s': window.turns, 'precision': dev_label(dev),
+    return {'train img/s': rate, 'turns s': window.turns, 'precision': settings_label(dev),
             'loader share': window.loader_share(),
             'GEMM peak share': flops * rate / gemm_peak(dev.device, dev.use_amp)}
-
-
-def dev_label(dev):
-    """'bf16 NHWC', 'fp32' ...: the precision and memory format of DeviceSettings."""
-    return f'{"bf16" if dev.use_amp else "fp32"}{" NHWC" if dev.channels_last else ""}'
 
 
 def get_args_parser():

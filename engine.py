@@ -21,6 +21,7 @@ from distributed import all_reduce_sum, gather_predictions, is_distributed, is_m
 from imaging import write_image
 from labels import LABELS, defect_probability, head_classes, is_defect, label_indices
 from metrics import compute_metrics, reference_probabilities
+from models.depthwise import set_depthwise_fp32
 from plots import draw_graphs
 from softLabelLoss import SoftLabelLoss
 from utils import DataError, atomic_write_csv, atomic_write_json, check_finite_loss
@@ -40,11 +41,14 @@ class DeviceSettings:
         use_amp: autocast the forward pass: bf16 on CPU; fp16 or bf16 (``amp_dtype``) on CUDA.
         amp_dtype: 'bfloat16' or 'float16' (float16 applies on CUDA only, with a gradient scaler).
         channels_last: NHWC memory format for the model and its inputs.
+        depthwise_fp32: with ``use_amp``, the depthwise convolutions run in fp32 channels_last outside autocast
+            (``models.depthwise``; faster on some CPUs, measured by ``precision.choose``).
     """
     device: torch.device = torch.device('cpu')
     use_amp: bool = False
     amp_dtype: str = 'bfloat16'
     channels_last: bool = False
+    depthwise_fp32: bool = False
 
     @property
     def memory_format(self):
@@ -57,6 +61,13 @@ class DeviceSettings:
             return contextlib.nullcontext()
         dtype = torch.float16 if (self.device.type == 'cuda' and self.amp_dtype == 'float16') else torch.bfloat16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def prepare(self, model):
+        """Move ``model`` (nn.Module, in place) to the device in the memory format, its depthwise convolutions in
+        fp32 channels_last when ``depthwise_fp32`` and ``use_amp`` are both set, else plain; returns ``model``."""
+        model.to(self.device, memory_format=self.memory_format)
+        set_depthwise_fp32(model, self.use_amp and self.depthwise_fp32)
+        return model
 
     def inputs(self, images):
         """A batch of images (float32 [B, C, H, W]) on the device in the memory format (non-blocking copy)."""

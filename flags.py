@@ -179,6 +179,9 @@ def add_run_flags(p):
     g.add_argument('--amp_dtype', default='bfloat16', choices=['bfloat16', 'float16'])
     g.add_argument('--channels_last', type=str2bool_or_auto, default='auto',
                    help='NHWC memory format; auto: measured per machine with --use_amp')
+    g.add_argument('--depthwise_fp32', type=str2bool_or_auto, default='auto',
+                   help='with --use_amp: the depthwise convolutions in fp32 channels_last outside autocast (their '
+                        'bf16 backward is slow on some CPUs); auto: measured per machine with --use_amp')
     g.add_argument('--reuse_freed_memory', type=str2bool, default=True,
                    help='glibc malloc keeps freed blocks up to 32 MiB for reuse instead of returning them to the '
                         'system, so each step reuses the last step\'s activation memory (no page faults)')

@@ -31,7 +31,6 @@ from engine import (build_loss, build_lr_scheduler, build_optimizer, evaluate, f
 from flags import check_args, get_args_parser
 from metrics import is_better
 from models import build_model, load_pretrained, read_checkpoint
-from precision import choose_compile
 from predict import Predictor, predict_checkpoint
 from runlog import RunLog
 from runtime import (device_settings, load_training_data, make_dataset, make_loader, prepare_model, resolve_device,
@@ -220,16 +219,16 @@ def train(args):
     resume, finished = resume_point(args)
     if finished is not None:
         return finished
-    dev = device_settings(args)
     seed_everything(args.seed)
 
     # build: data, model, optimisation
-    data = load_training_data(args, dev.device)
+    device = resolve_device(args.device)
+    data = load_training_data(args, device)
     model = build_model(args)
     if args.finetune:
         load_pretrained(model, args.finetune, args.model_key)
     updates_per_epoch = max(1, len(data.train_loader) // args.update_freq)
-    args.compile = choose_compile(args, dev, lambda: build_model(args), args.epochs * len(data.train_loader))
+    dev = device_settings(args, device, steps=args.epochs * len(data.train_loader))  # precision and --compile
     run_model = prepare_model(model, args, dev)
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     optimizer, lr_scheduler = build_optimizer(model, args, updates_per_epoch)

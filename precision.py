@@ -1,8 +1,9 @@
-"""Precision and memory format chosen per machine: ``--use_amp auto`` and ``--channels_last auto``.
+"""Precision and memory format chosen per machine: ``--use_amp``, ``--channels_last`` and ``--depthwise_fp32`` auto.
 
 Whether bf16 autocast and channels_last make a ConvNeXt training step faster depends on the processor: bf16 trains
 1.6x faster than fp32 on an AMD EPYC, 0.62x as fast on an Intel Xeon with AVX512-BF16 but no AMX, 1.09x as fast on
-one with AMX, and 11-14x slower on an AMD EPYC without AVX512 (no bf16 arithmetic). So on a CPU the choice is
+one with AMX, and 11-14x slower on an AMD EPYC without AVX512 (no bf16 arithmetic); on the one with AMX, bf16 with
+the depthwise convolutions alone in fp32 channels_last (``models.depthwise``) beat all four. So on a CPU the choice is
 measured: a few forward+backward steps of the actual model at the actual input size and batch, for each candidate
 the flags leave open, and the fastest wins. The answer is remembered per machine, torch version,
 model, input size, batch and channels in a JSON file (``$CONVNEXT_PRECISION_CACHE``, default
@@ -15,7 +16,8 @@ in bf16 where the GPU supports it, else fp16 with a gradient scaler, and channel
 then (perhaps) saves time on every step, so the run compiles when compile seconds + steps x compiled step seconds
 are below steps x eager step seconds, both measured on the machine in the run's precision and remembered beside
 the precision choice. A run too short for any compilation to pay off (eager total under ``MIN_COMPILE_SECONDS``)
-stays eager without a probe.
+stays eager without a probe. When a training run leaves both the precision and compiling to auto, ``choose_run``
+compares the candidates by their whole run, compiled or not (compiling speeds some up and slows others down).
 """
 import json
 import logging
@@ -35,6 +37,7 @@ log = logging.getLogger('precision')
 PROBE_STEPS = 3  # timed steps per candidate, after one untimed warm-up step
 GIVE_UP_FACTOR = 3.0  # a candidate whose warm-up step is this many times the best median is not timed on
 MIN_COMPILE_SECONDS = 30.0  # no torch.compile of a ConvNeXt finished faster than this here: shorter runs stay eager
+SEARCH_SHARE = 0.1  # compile timings of further candidates may take this share of a run's eager seconds
 
 
 def cache_path():
@@ -101,7 +104,7 @@ def time_step(model, settings, batch, steps=PROBE_STEPS, give_up_after=None, tra
         give_up_after: seconds; when the warm-up step alone takes longer, its time is returned and no step is timed
             (a candidate that slow cannot win: bf16 without native support runs 10-15x slower than fp32).
     """
-    model.to(settings.device, memory_format=settings.memory_format)
+    settings.prepare(model)
     x = settings.inputs(batch)
     times = []
     for i in range(steps + 1):
@@ -127,8 +130,10 @@ def time_step(model, settings, batch, steps=PROBE_STEPS, give_up_after=None, tra
     return sorted(times)[len(times) // 2] if times else 0.0
 
 
-CANDIDATES = {'fp32': (False, False), 'fp32 channels_last': (False, True), 'bf16': (True, False),
-              'bf16 channels_last': (True, True)}  # label -> (use_amp, channels_last)
+CANDIDATES = {  # label -> (use_amp, channels_last, depthwise_fp32)
+    'fp32': (False, False, False), 'fp32 channels_last': (False, True, False),
+    'bf16': (True, False, False), 'bf16 channels_last': (True, True, False),
+    'bf16 depthwise fp32': (True, False, True), 'bf16 channels_last depthwise fp32': (True, True, True)}
 
 
 def probe(args, device, build, inference=False):
@@ -145,39 +150,41 @@ def probe(args, device, build, inference=False):
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         model = build().train(not inference)
         batch = torch.randn(probe_batch_size(args, inference), args.in_chans, args.input_size, args.input_size)
-        for label, (amp, cl) in CANDIDATES.items():
+        for label, (amp, cl, dw) in CANDIDATES.items():
             best = min(times.values(), default=None)
-            times[label] = round(time_step(model, DeviceSettings(device, amp, 'bfloat16', cl), batch,
+            times[label] = round(time_step(model, DeviceSettings(device, amp, 'bfloat16', cl, dw), batch,
                                            give_up_after=None if best is None else GIVE_UP_FACTOR * best,
                                            train=not inference), 4)
     return times
 
 
-def choose(args, device, build, inference=False):
-    """Resolve ``--use_amp auto`` and ``--channels_last auto`` for this machine; explicit True/False win.
-
-    Args:
-        args: argparse.Namespace with use_amp and channels_last (bool or 'auto'), amp_dtype, model, input_size,
-            batch_size, in_chans. device: torch.device. build: callable returning a fresh model to probe.
-        inference: choose for evaluation and prediction (forward passes of the evaluation batch, see ``probe``),
-            remembered apart from the training choice.
-
-    Returns:
-        (use_amp: bool, channels_last: bool, amp_dtype: str).
+def requested(args):
+    """The precision flags as given: (use_amp, channels_last, depthwise_fp32), each True, False or 'auto' (a missing
+    depthwise_fp32 counts as 'auto'; without autocast it is False: the convolutions are fp32 already).
 
     Raises:
-        DataError: a value other than True, False or 'auto'.
+        DataError: a value other than True, False or 'auto', or --depthwise_fp32 True with --use_amp False.
     """
-    amp, cl, amp_dtype = args.use_amp, args.channels_last, args.amp_dtype
-    for name, value in (('use_amp', amp), ('channels_last', cl)):
+    amp, cl, dw = args.use_amp, args.channels_last, getattr(args, 'depthwise_fp32', 'auto')
+    for name, value in (('use_amp', amp), ('channels_last', cl), ('depthwise_fp32', dw)):
         if value not in (True, False, 'auto'):
             raise DataError(f'--{name} must be True, False or auto, got {value}')
-    if device.type == 'cuda':
-        if amp == 'auto' and amp_dtype == 'bfloat16' and not torch.cuda.is_bf16_supported():
-            amp_dtype = 'float16'
-        return (True if amp == 'auto' else amp), (True if cl == 'auto' else cl), amp_dtype
-    if 'auto' not in (amp, cl):
-        return amp, cl, amp_dtype
+    if amp is False and dw is True:
+        raise DataError('--depthwise_fp32 True keeps depthwise convolutions out of autocast: it needs --use_amp True '
+                        'or auto')
+    return amp, cl, (False if amp is False else dw)
+
+
+def allowed_candidates(wanted):
+    """Labels of ``CANDIDATES`` that the flags ``wanted`` (use_amp, channels_last, depthwise_fp32: bool or 'auto')
+    leave open."""
+    return [label for label, flags in CANDIDATES.items()
+            if all(want in ('auto', value) for want, value in zip(wanted, flags))]
+
+
+def step_times(args, device, build, inference=False):
+    """Seconds per step of every candidate (dict label -> seconds): remembered in ``cache_path()`` or measured by
+    ``probe`` and remembered, on rank 0; every process of a torchrun job gets rank 0's answer."""
     key, path, step_s = probe_key(device, args, inference), cache_path(), None
     if is_main_process():
         step_s = read_cache(path).get(key)
@@ -192,18 +199,48 @@ def choose(args, device, build, inference=False):
                 atomic_write_json({**read_cache(path), key: step_s}, path)
             except OSError as e:
                 log.warning(f'{path}: cannot remember the precision choice ({e.strerror})')
-    step_s = broadcast_object(step_s)  # every process of a torchrun job runs as rank 0 decided
-    allowed = [label for label, (a, c) in CANDIDATES.items() if amp in ('auto', a) and cl in ('auto', c)]
-    use_amp, channels_last = CANDIDATES[min(allowed, key=step_s.get)]
-    log.info(f'--use_amp {use_amp} --channels_last {channels_last} on {machine_name(device)}')
-    return use_amp, channels_last, amp_dtype
+    return broadcast_object(step_s)
+
+
+def choose(args, device, build, inference=False):
+    """Resolve ``--use_amp``, ``--channels_last`` and ``--depthwise_fp32`` set to auto for this machine; explicit
+    True/False win. ``--depthwise_fp32 auto`` is False without autocast (the convolutions are fp32 already) and on
+    CUDA.
+
+    Args:
+        args: argparse.Namespace with use_amp, channels_last and depthwise_fp32 (bool or 'auto'; a missing
+            depthwise_fp32 counts as 'auto'), amp_dtype, model, input_size, batch_size, in_chans. device:
+            torch.device. build: callable returning a fresh model to probe.
+        inference: choose for evaluation and prediction (forward passes of the evaluation batch, see ``probe``),
+            remembered apart from the training choice.
+
+    Returns:
+        (use_amp: bool, channels_last: bool, depthwise_fp32: bool, amp_dtype: str).
+
+    Raises:
+        DataError: a value other than True, False or 'auto', or --depthwise_fp32 True with --use_amp False.
+    """
+    (amp, cl, dw), amp_dtype = requested(args), args.amp_dtype
+    if device.type == 'cuda':
+        if amp == 'auto' and amp_dtype == 'bfloat16' and not torch.cuda.is_bf16_supported():
+            amp_dtype = 'float16'
+        return (True if amp == 'auto' else amp), (True if cl == 'auto' else cl), (dw is True), amp_dtype
+    if 'auto' not in (amp, cl, dw):
+        return amp, cl, dw, amp_dtype
+    step_s = step_times(args, device, build, inference)
+    use_amp, channels_last, depthwise_fp32 = CANDIDATES[min(allowed_candidates((amp, cl, dw)), key=step_s.get)]
+    log.info(f'--use_amp {use_amp} --channels_last {channels_last} --depthwise_fp32 {depthwise_fp32} on '
+             f'{machine_name(device)}')
+    return use_amp, channels_last, depthwise_fp32, amp_dtype
 
 
 def settings_label(settings):
-    """The name of a precision and memory format, e.g. ``bf16 channels_last`` (``engine.DeviceSettings``)."""
+    """The name of a precision and memory format as ``CANDIDATES`` names them, e.g. ``bf16 channels_last`` or
+    ``bf16 depthwise fp32`` (``engine.DeviceSettings``)."""
     fp16 = settings.device.type == 'cuda' and settings.amp_dtype == 'float16'  # autocast is bf16 on the CPU
     precision = ('fp16' if fp16 else 'bf16') if settings.use_amp else 'fp32'
-    return precision + (' channels_last' if settings.channels_last else '')
+    return precision + (' channels_last' if settings.channels_last else '') + \
+        (' depthwise fp32' if settings.use_amp and settings.depthwise_fp32 else '')
 
 
 def compile_error(e):
@@ -246,13 +283,47 @@ def valid_compile_entry(entry):
     return all(isinstance(entry.get(k), (int, float)) and entry[k] >= 0 for k in ('eager', 'compiled', 'compile'))
 
 
+def compile_timing(args, settings, build, batch):
+    """The ``probe_compile`` entry of ``settings`` remembered in ``cache_path()``, or measured now and remembered.
+
+    Returns:
+        (entry: dict, see ``probe_compile``; seconds spent measuring it: float, 0.0 when remembered).
+    """
+    label, path = settings_label(settings), cache_path()
+    key = f'{probe_key(settings.device, args)} | {label} | compile'
+    entry = read_cache(path).get(key)
+    if valid_compile_entry(entry):
+        return entry, 0.0
+    log.info(f'timing torch.compile of {args.model} ({label}) once for this machine')
+    t0 = time.perf_counter()
+    entry = probe_compile(build, settings, batch)
+    try:
+        atomic_write_json({**read_cache(path), key: entry}, path)
+    except OSError as e:
+        log.warning(f'{path}: cannot remember the compile choice ({e.strerror})')
+    return entry, time.perf_counter() - t0
+
+
+def run_seconds(entry, eager_s, steps):
+    """Seconds of a run of ``steps`` steps at ``eager_s`` seconds a step eager, and with the compiled speed of a
+    ``probe_compile`` entry (its compiled/eager ratio applied to ``eager_s``, plus its compile seconds).
+
+    Returns:
+        (eager seconds: float, compiled seconds: float, inf when compiling failed).
+    """
+    if 'error' in entry:
+        return steps * eager_s, float('inf')
+    return steps * eager_s, entry['compile'] + steps * eager_s * entry['compiled'] / max(entry['eager'], 1e-9)
+
+
 def choose_compile(args, settings, build, steps):
-    """Resolve ``--compile auto`` for a run of ``steps`` forward+backward steps; explicit True/False win.
+    """Resolve ``--compile auto`` for a run of ``steps`` forward+backward steps in ``settings``; explicit True/False
+    win.
 
     The eager step time comes from the precision probe's record (or 3 timed steps); when ``steps`` x that is under
-    ``MIN_COMPILE_SECONDS`` the run stays eager. Otherwise ``probe_compile`` is read from the cache file or run
-    (on rank 0, inside ``torch.random.fork_rng``), and the run compiles when
-    ``compile + steps x compiled < steps x eager``.
+    ``MIN_COMPILE_SECONDS`` the run stays eager. Otherwise ``compile_timing`` reads or measures ``probe_compile``
+    (on rank 0, inside ``torch.random.fork_rng``), and the run compiles when ``compile + steps x compiled <
+    steps x eager``.
 
     Args:
         args: argparse.Namespace with compile (bool or 'auto'), model, input_size, batch_size, in_chans.
@@ -269,12 +340,11 @@ def choose_compile(args, settings, build, steps):
         raise DataError(f'--compile must be True, False or auto, got {args.compile}')
     if args.compile != 'auto':
         return args.compile
-    device, label, path = settings.device, settings_label(settings), cache_path()
-    key, decision = f'{probe_key(device, args)} | {label} | compile', None
+    device, label, decision = settings.device, settings_label(settings), None
     if is_main_process():
         with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
             batch = torch.randn(args.batch_size, args.in_chans, args.input_size, args.input_size)
-            remembered = read_cache(path).get(probe_key(device, args))
+            remembered = read_cache(cache_path()).get(probe_key(device, args))
             eager_s = remembered.get(label) if isinstance(remembered, dict) else None
             if not (isinstance(eager_s, (int, float)) and eager_s > 0):
                 eager_s = time_step(build().train(), settings, batch)
@@ -282,14 +352,7 @@ def choose_compile(args, settings, build, steps):
                 log.info(f'--compile False: {steps} steps x {eager_s:.3f} s eager is too short to gain from compiling')
                 decision = False
             else:
-                entry = read_cache(path).get(key)
-                if not valid_compile_entry(entry):
-                    log.info(f'timing torch.compile of {args.model} ({label}) once for this machine')
-                    entry = probe_compile(build, settings, batch)
-                    try:
-                        atomic_write_json({**read_cache(path), key: entry}, path)
-                    except OSError as e:
-                        log.warning(f'{path}: cannot remember the compile choice ({e.strerror})')
+                entry, _ = compile_timing(args, settings, build, batch)
                 if 'error' in entry:
                     log.info(f'--compile False: torch.compile fails here ({entry["error"]})')
                     decision = False
@@ -300,3 +363,74 @@ def choose_compile(args, settings, build, steps):
                              f'{compiled_total / 60:.1f} min ({entry["compile"]:.0f} s to compile, '
                              f'{entry["eager"]:.3f} -> {entry["compiled"]:.3f} s per step)')
     return broadcast_object(decision)
+
+
+def search_compiled(args, device, build, steps, ranked, step_s):
+    """The fastest (label, compile) for a run of ``steps`` steps among the candidates ``ranked`` (labels, fastest
+    eager first; ``step_s``: their eager seconds per step), on rank 0.
+
+    Each candidate's compile timing is read from the cache file or measured (``compile_timing``); measuring goes on
+    down the ranking while the seconds spent measuring stay within ``SEARCH_SHARE`` of the run's eager time (the
+    first candidate is always timed), and remembered timings are always used, so a search cut short continues in the
+    next run of the same model, size and batch. A candidate whose compile timing is unknown counts as eager.
+    """
+    allowance, spent, cost, summary = SEARCH_SHARE * steps * step_s[ranked[0]], 0.0, 0.0, []
+    best = (steps * step_s[ranked[0]], ranked[0], False)
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        batch = torch.randn(args.batch_size, args.in_chans, args.input_size, args.input_size)
+        for i, label in enumerate(ranked):
+            settings = DeviceSettings(device, CANDIDATES[label][0], 'bfloat16', *CANDIDATES[label][1:])
+            key = f'{probe_key(device, args)} | {label} | compile'
+            if i and spent + cost > allowance and not valid_compile_entry(read_cache(cache_path()).get(key)):
+                summary.append(f'{label}: eager {steps * step_s[label] / 60:.1f} min (compile not timed)')
+                continue
+            entry, seconds = compile_timing(args, settings, build, batch)
+            spent, cost = spent + seconds, seconds or cost
+            eager_total, compiled_total = run_seconds(entry, step_s[label], steps)
+            best = min(best, (eager_total, label, False), (compiled_total, label, True))
+            summary.append(f'{label}: eager {eager_total / 60:.1f} min, compiled {compiled_total / 60:.1f} min')
+    log.info(f'precision and --compile for {steps} steps: {"; ".join(summary)}')
+    return best[1], best[2]
+
+
+def choose_run(args, device, build, steps, max_seconds=None):
+    """Resolve the precision flags (``choose``) and ``--compile auto`` (``choose_compile``) together for a training
+    run of ``steps`` forward+backward steps: compiling speeds some candidates up and slows others down (on an
+    Intel Xeon with AMX, FCMAE pretraining of convnextv2_atto was fastest eager as bf16 with fp32 depthwise
+    convolutions but compiled as the same in channels_last, 0.35 against 0.63 s a step), so when both are auto on
+    a CPU the candidates are compared by their whole run (``search_compiled``). Otherwise the precision is chosen
+    first and compiling decided for it.
+
+    Args:
+        args: argparse.Namespace as ``choose`` and ``choose_compile`` take it. device: torch.device. build: callable
+            returning a fresh model. steps: int, forward+backward steps of the whole run.
+        max_seconds: the run's time limit in seconds (``--time_budget``), or None: the search counts the steps
+            that fit in it at the fastest eager speed when they are fewer.
+
+    Returns:
+        (use_amp: bool, channels_last: bool, depthwise_fp32: bool, amp_dtype: str, compile: bool).
+
+    Raises:
+        DataError: as ``choose`` and ``choose_compile``.
+    """
+    use_amp, channels_last, depthwise_fp32, amp_dtype = choose(args, device, build)
+    wanted = requested(args)
+    if args.compile not in (True, False, 'auto'):
+        raise DataError(f'--compile must be True, False or auto, got {args.compile}')
+    if args.compile != 'auto' or device.type == 'cuda' or 'auto' not in wanted:
+        settings = DeviceSettings(device, use_amp, amp_dtype, channels_last, depthwise_fp32)
+        return use_amp, channels_last, depthwise_fp32, amp_dtype, choose_compile(args, settings, build, steps)
+    step_s = step_times(args, device, build)  # remembered by choose
+    ranked = sorted(allowed_candidates(wanted), key=step_s.get)
+    if max_seconds:
+        steps = min(steps, max(1, int(max_seconds / step_s[ranked[0]])))
+    if steps * step_s[ranked[0]] < MIN_COMPILE_SECONDS:
+        log.info(f'--compile False: {steps} steps x {step_s[ranked[0]]:.3f} s eager is too short to gain from '
+                 'compiling')
+        return use_amp, channels_last, depthwise_fp32, amp_dtype, False
+    choice = search_compiled(args, device, build, steps, ranked, step_s) if is_main_process() else None
+    label, compiled = broadcast_object(choice)  # every process of a torchrun job runs as rank 0 decided
+    use_amp, channels_last, depthwise_fp32 = CANDIDATES[label]
+    log.info(f'--use_amp {use_amp} --channels_last {channels_last} --depthwise_fp32 {depthwise_fp32} --compile '
+             f'{compiled} for this run')
+    return use_amp, channels_last, depthwise_fp32, amp_dtype, compiled

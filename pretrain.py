@@ -22,11 +22,10 @@ from checkpoint import check_output_dir, restore_checkpoint, resume_point, save_
 from datasets import is_split_folder, load_splits
 from engine import build_lr_scheduler, build_optimizer, warm_up_excess
 from models.fcmae import FCMAE
-from precision import choose_compile
 from preprocess_data import scan_plain_folder
 from runlog import RunLog
-from runtime import cache_folder, device_settings, make_cache, make_dataset, make_loader, prepare_model, seed_loader, \
-    split_seed
+from runtime import cache_folder, device_settings, make_cache, make_dataset, make_loader, prepare_model, \
+    resolve_device, seed_loader, split_seed
 from utils import DataError, atomic_torch_save, atomic_write_json, check_finite_loss, seed_everything
 
 log = logging.getLogger('pretrain')
@@ -122,9 +121,9 @@ def run(args):
         model = build()
     except ValueError as e:
         raise DataError(f'--model {args.model}: {e}') from None
-    dev = device_settings(args, build=build)
-    loader = make_loader(dataset, args, dev.device, True)
-    args.compile = choose_compile(args, dev, build, args.epochs * len(loader))
+    device = resolve_device(args.device)
+    loader = make_loader(dataset, args, device, True)
+    dev = device_settings(args, device, build, steps=args.epochs * len(loader))  # precision and --compile
     run_model = prepare_model(model, args, dev)
     optimizer, lr_scheduler = build_optimizer(model, args, len(loader), betas=(0.9, 0.95), layer_decay=None)
     log.info(f'FCMAE {args.model}: {len(dataset)} images, mask ratio {args.mask_ratio}, decoder '

@@ -21,7 +21,7 @@ from distributed import ShardSampler, init_distributed, is_distributed, main_fir
 from engine import EVAL_BATCH_FACTOR, DeviceSettings
 from labels import LABELS
 from models import build_model
-from precision import choose as choose_precision, compile_error
+from precision import choose as choose_precision, choose_run, compile_error
 from preprocess_data import drop_boxes, split_name
 from utils import DataError
 
@@ -75,24 +75,34 @@ def reuse_freed_memory():
     return all([mallopt(param, value) == 1 for param, value in settings])
 
 
-def device_settings(args, device=None, build=None, inference=False):
-    """``engine.DeviceSettings`` from the flags --device, --use_amp, --amp_dtype and --channels_last.
+def device_settings(args, device=None, build=None, inference=False, steps=None):
+    """``engine.DeviceSettings`` from the flags --device, --use_amp, --amp_dtype, --channels_last and --depthwise_fp32;
+    for a training run of ``steps`` steps also --compile.
 
     ``auto`` values are decided for this machine (``precision.choose``: a timed probe of the model, remembered per
-    machine) and written back into ``args``, so that args.json and checkpoints record what the run used. With
-    --reuse_freed_memory (the default) it first calls ``reuse_freed_memory``, so the probe times what the run gets.
+    machine; with ``steps``, ``precision.choose_run``: precision and compiling together) and written back into
+    ``args``, so that args.json and checkpoints record what the run used. With --reuse_freed_memory (the default) it
+    first calls ``reuse_freed_memory``, so the probe times what the run gets.
 
     Args:
         args: argparse.Namespace. device: torch.device already resolved (default: ``resolve_device(args.device)``).
         build: callable returning a fresh model to probe (default: the classifier of ``args``).
         inference: decide for evaluation and prediction (the probe times forward passes; ``precision.choose``).
+        steps: int, forward+backward steps of the training run (epochs x steps per epoch; fewer where
+            --time_budget minutes hold fewer, see ``precision.choose_run``), or None: --compile is left as it is.
     """
     device = device if device is not None else resolve_device(args.device)
     if getattr(args, 'reuse_freed_memory', False) and not reuse_freed_memory():
         log.info('--reuse_freed_memory: no glibc mallopt here, or it refused a value; malloc left as it is')
     build = build or (lambda: build_model(args))
-    args.use_amp, args.channels_last, args.amp_dtype = choose_precision(args, device, build, inference)
-    return DeviceSettings(device, args.use_amp, args.amp_dtype, args.channels_last)
+    if steps is None:
+        args.use_amp, args.channels_last, args.depthwise_fp32, args.amp_dtype = choose_precision(
+            args, device, build, inference)
+    else:
+        max_seconds = 60 * args.time_budget if getattr(args, 'time_budget', None) else None
+        args.use_amp, args.channels_last, args.depthwise_fp32, args.amp_dtype, args.compile = choose_run(
+            args, device, build, steps, max_seconds)
+    return DeviceSettings(device, args.use_amp, args.amp_dtype, args.channels_last, args.depthwise_fp32)
 
 
 def default_workers(world_size=1):
@@ -263,7 +273,7 @@ class CompiledModule(torch.nn.Module):
 
 
 def prepare_model(model, args, dev):
-    """Move a model to the device (channels_last when asked) and wrap it for training/inference.
+    """Move a model to the device as ``dev`` says (``DeviceSettings.prepare``) and wrap it for training/inference.
 
     Args:
         model: nn.Module. args: flags (compile). dev: ``engine.DeviceSettings``.
@@ -273,7 +283,7 @@ def prepare_model(model, args, dev):
         BatchNorm layers become SyncBatchNorm), and/or a ``CompiledModule`` (``--compile True``: compiled at the
         first call, eager with a warning when compiling fails).
     """
-    model.to(dev.device, memory_format=dev.memory_format)
+    dev.prepare(model)
     run_model = model
     if is_distributed() and any(p.requires_grad for p in model.parameters()) and model.training:
         device_ids = [dev.device.index] if dev.device.type == 'cuda' else None

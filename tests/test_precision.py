@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def flags(**kw):
-    base = dict(use_amp='auto', channels_last='auto', amp_dtype='bfloat16', model='convnext_atto', input_size=32,
-                batch_size=2, in_chans=3)
+    base = dict(use_amp='auto', channels_last='auto', depthwise_fp32='auto', amp_dtype='bfloat16',
+                model='convnext_atto', input_size=32, batch_size=2, in_chans=3)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -34,35 +34,52 @@ def cache(tmp_path, monkeypatch):
     return path
 
 
-def fake_times(monkeypatch, times):
-    """Make the probe measure the given seconds per (use_amp, channels_last) or (use_amp, channels_last, train);
-    returns the list of probed settings."""
+TIMES = {'fp32': 1.0, 'fp32 channels_last': 0.9, 'bf16': 0.7, 'bf16 channels_last': 0.5, 'bf16 depthwise fp32': 0.6,
+         'bf16 channels_last depthwise fp32': 0.8}
+
+
+def fake_times(monkeypatch, times, inference_times=None):
+    """Make the probe measure the given seconds per candidate label (``inference_times`` for forward passes);
+    returns the list of probed labels."""
     probed = []
 
     def timed(model, settings, batch, steps=precision.PROBE_STEPS, give_up_after=None, train=True):
-        key = (settings.use_amp, settings.channels_last)
-        probed.append(key)
-        return times[key + (train,)] if key + (train,) in times else times[key]
+        label = precision.settings_label(settings)
+        probed.append(label)
+        return (times if train or inference_times is None else inference_times)[label]
 
     monkeypatch.setattr(precision, 'time_step', timed)
     return probed
 
 
 def test_probe_picks_the_fastest_and_remembers_it(cache, monkeypatch):
-    probed = fake_times(monkeypatch, {(False, False): 1.0, (False, True): 0.9, (True, False): 0.7, (True, True): 0.5})
+    probed = fake_times(monkeypatch, TIMES)
     cpu = torch.device('cpu')
-    assert precision.choose(flags(), cpu, tiny) == (True, True, 'bfloat16')
-    assert len(probed) == 4
+    assert precision.choose(flags(), cpu, tiny) == (True, True, False, 'bfloat16')
+    assert sorted(probed) == sorted(precision.CANDIDATES)
     saved = json.loads(cache.read_text())
-    assert list(saved.values()) == [{'fp32': 1.0, 'fp32 channels_last': 0.9, 'bf16': 0.7, 'bf16 channels_last': 0.5}]
+    assert list(saved.values()) == [TIMES]
     assert 'convnext_atto | 32px | batch 2 | 3ch' in next(iter(saved))
     # remembered: no second probe; an explicit flag restricts the choice to what it allows
-    assert precision.choose(flags(use_amp=False), cpu, tiny) == (False, True, 'bfloat16')
-    assert precision.choose(flags(channels_last=False), cpu, tiny) == (True, False, 'bfloat16')
-    assert len(probed) == 4
+    assert precision.choose(flags(use_amp=False), cpu, tiny) == (False, True, False, 'bfloat16')
+    assert precision.choose(flags(channels_last=False), cpu, tiny) == (True, False, True, 'bfloat16')
+    assert precision.choose(flags(channels_last=False, depthwise_fp32=False), cpu, tiny) == \
+        (True, False, False, 'bfloat16')
+    assert precision.choose(flags(depthwise_fp32=True), cpu, tiny) == (True, False, True, 'bfloat16')
+    assert len(probed) == 6
     # another model, input size or batch is another key, probed anew
     precision.choose(flags(batch_size=4), cpu, tiny)
-    assert len(probed) == 8 and len(json.loads(cache.read_text())) == 2
+    assert len(probed) == 12 and len(json.loads(cache.read_text())) == 2
+
+
+def test_cache_of_fewer_candidates_is_probed_again(cache, monkeypatch):
+    # an entry remembered before the depthwise candidates existed is measured again, with all six
+    probed = fake_times(monkeypatch, {**TIMES, 'bf16 depthwise fp32': 0.3})
+    key = precision.probe_key(torch.device('cpu'), flags())
+    four = ('fp32', 'fp32 channels_last', 'bf16', 'bf16 channels_last')
+    cache.write_text(json.dumps({key: {label: TIMES[label] for label in four}}))
+    assert precision.choose(flags(), torch.device('cpu'), tiny) == (True, False, True, 'bfloat16')
+    assert len(probed) == 6 and json.loads(cache.read_text())[key]['bf16 depthwise fp32'] == 0.3
 
 
 class CountingTiny(torch.nn.Module):
@@ -82,7 +99,8 @@ def test_inference_probe_times_forward_passes_of_the_evaluation_batch(cache):
     times = precision.probe(flags(), torch.device('cpu'), lambda: model, inference=True)
     assert set(times) == set(precision.CANDIDATES) and all(t > 0 for t in times.values())
     # fp32 timed in full, each other candidate at least warmed up (a slow one is given up after that)
-    assert 1 + precision.PROBE_STEPS + 3 <= len(model.calls) <= 4 * (1 + precision.PROBE_STEPS)
+    n = len(precision.CANDIDATES)
+    assert 1 + precision.PROBE_STEPS + n - 1 <= len(model.calls) <= n * (1 + precision.PROBE_STEPS)
     assert set(model.calls) == {(2 * precision.EVAL_BATCH_FACTOR, False, False)}  # eval mode, no autograd
     assert all(p.grad is None for p in model.parameters())
     model = CountingTiny()  # the training probe: training mode, grad, backward
@@ -92,45 +110,48 @@ def test_inference_probe_times_forward_passes_of_the_evaluation_batch(cache):
 
 def test_inference_choice_is_remembered_apart_from_training(cache, monkeypatch):
     # training is fastest in bf16 channels_last, inference in fp32: each mode gets its own answer
-    times = {(False, False, True): 1.0, (False, True, True): 0.9, (True, False, True): 0.7, (True, True, True): 0.5,
-             (False, False, False): 0.1, (False, True, False): 0.2, (True, False, False): 0.3,
-             (True, True, False): 0.4}
-    probed = fake_times(monkeypatch, times)
+    inference = dict(zip(precision.CANDIDATES, (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)))
+    probed = fake_times(monkeypatch, TIMES, inference)
     cpu = torch.device('cpu')
-    assert precision.choose(flags(), cpu, tiny)[:2] == (True, True)
-    assert precision.choose(flags(), cpu, tiny, inference=True)[:2] == (False, False)
-    assert len(probed) == 8
+    assert precision.choose(flags(), cpu, tiny)[:3] == (True, True, False)
+    assert precision.choose(flags(), cpu, tiny, inference=True)[:3] == (False, False, False)
+    assert len(probed) == 12
     saved = json.loads(cache.read_text())
     inference_keys = [k for k in saved if k.endswith(' | inference')]
     assert len(saved) == 2 and len(inference_keys) == 1
     assert f'batch {2 * precision.EVAL_BATCH_FACTOR} | 3ch | inference' in inference_keys[0]
     assert saved[inference_keys[0]]['fp32'] == 0.1
-    assert precision.choose(flags(), cpu, tiny, inference=True)[:2] == (False, False) and len(probed) == 8
+    assert precision.choose(flags(), cpu, tiny, inference=True)[:2] == (False, False) and len(probed) == 12
 
 
 def test_slow_bf16_machine_stays_fp32(cache, monkeypatch):
-    fake_times(monkeypatch, {(False, False): 0.6, (False, True): 0.62, (True, False): 1.0, (True, True): 0.97})
-    assert precision.choose(flags(), torch.device('cpu'), tiny)[:2] == (False, False)
+    fake_times(monkeypatch, dict(zip(precision.CANDIDATES, (0.6, 0.62, 1.0, 0.97, 0.9, 0.95))))
+    assert precision.choose(flags(), torch.device('cpu'), tiny)[:3] == (False, False, False)
 
 
 def test_explicit_flags_skip_the_probe(cache, monkeypatch):
     probed = fake_times(monkeypatch, {})
-    assert precision.choose(flags(use_amp=True, channels_last=False), torch.device('cpu'), tiny) == \
-        (True, False, 'bfloat16')
+    cpu = torch.device('cpu')
+    assert precision.choose(flags(use_amp=True, channels_last=False, depthwise_fp32=False), cpu, tiny) == \
+        (True, False, False, 'bfloat16')
+    # without autocast the depthwise convolutions are fp32 already: auto means False, no probe
+    assert precision.choose(flags(use_amp=False, channels_last=True), cpu, tiny) == (False, True, False, 'bfloat16')
     assert probed == [] and not cache.exists()
     with pytest.raises(DataError, match='--use_amp must be True, False or auto'):
-        precision.choose(flags(use_amp='maybe'), torch.device('cpu'), tiny)
+        precision.choose(flags(use_amp='maybe'), cpu, tiny)
+    with pytest.raises(DataError, match='--depthwise_fp32 True .* needs --use_amp True or auto'):
+        precision.choose(flags(use_amp=False, depthwise_fp32=True), cpu, tiny)
 
 
 def test_unreadable_cache_is_probed_again(cache, monkeypatch):
     cache.write_bytes(b'\x80\x04\x95 not json')  # e.g. a pickle: never loaded as anything but JSON
-    probed = fake_times(monkeypatch, {(False, False): 1.0, (False, True): 2.0, (True, False): 3.0, (True, True): 4.0})
+    probed = fake_times(monkeypatch, dict(zip(precision.CANDIDATES, (1.0, 2.0, 3.0, 4.0, 5.0, 6.0))))
     assert precision.choose(flags(), torch.device('cpu'), tiny)[:2] == (False, False)
-    assert len(probed) == 4 and len(json.loads(cache.read_text())) == 1
+    assert len(probed) == 6 and len(json.loads(cache.read_text())) == 1
     # a hand-edited entry with a non-number is measured again too
     key = next(iter(json.loads(cache.read_text())))
     cache.write_text(json.dumps({key: dict.fromkeys(precision.CANDIDATES, 'fast')}))
-    assert precision.choose(flags(), torch.device('cpu'), tiny)[:2] == (False, False) and len(probed) == 8
+    assert precision.choose(flags(), torch.device('cpu'), tiny)[:2] == (False, False) and len(probed) == 12
 
 
 def test_real_probe_measures_and_keeps_the_rng(cache):
@@ -159,7 +180,8 @@ def test_probe_stops_timing_a_candidate_far_slower_than_the_best(cache):
     model = SlowUnderAutocast()
     times = precision.probe(flags(), torch.device('cpu'), lambda: model)
     assert times['bf16'] >= 0.4 and times['bf16 channels_last'] >= 0.4 and times['fp32'] < 0.1
-    assert model.amp_forwards == 2  # one warm-up step each, none timed after it (4 steps each otherwise)
+    n_amp = sum(amp for amp, _, _ in precision.CANDIDATES.values())
+    assert model.amp_forwards == n_amp  # one warm-up step each, none timed after it (4 steps each otherwise)
     assert precision.choose(flags(), torch.device('cpu'), lambda: SlowUnderAutocast())[0] is False
     # a candidate within the limit is timed in full
     model = SlowUnderAutocast()
@@ -182,7 +204,7 @@ def fake_compile(monkeypatch, entry):
 def test_compile_auto_weighs_compile_time_against_the_run(cache, monkeypatch, caplog):
     caplog.set_level('INFO')
     calls = fake_compile(monkeypatch, {'eager': 0.30, 'compiled': 0.20, 'compile': 60.0})
-    fake_times(monkeypatch, {(False, False): 0.30, (True, False): 0.30})
+    fake_times(monkeypatch, {'fp32': 0.30, 'bf16': 0.30})
     settings = precision.DeviceSettings(torch.device('cpu'))
     # 1000 steps: 300 s eager against 60 + 200 s compiled -> compile; measured once, then remembered
     assert precision.choose_compile(compile_flags(), settings, tiny, 1000) is True
@@ -198,7 +220,7 @@ def test_compile_auto_weighs_compile_time_against_the_run(cache, monkeypatch, ca
 
 def test_compile_auto_skips_short_runs_and_failing_compilers(cache, monkeypatch):
     calls = fake_compile(monkeypatch, {'error': 'InductorError: no C++ compiler'})
-    fake_times(monkeypatch, {(False, False): 0.01})
+    fake_times(monkeypatch, {'fp32': 0.01})
     settings = precision.DeviceSettings(torch.device('cpu'))
     # 100 steps x 0.01 s: far too short for any compile to pay off; nothing is probed or written
     assert precision.choose_compile(compile_flags(), settings, tiny, 100) is False
@@ -215,6 +237,42 @@ def test_compile_auto_skips_short_runs_and_failing_compilers(cache, monkeypatch)
     cache.write_text(json.dumps({key: {'eager': 'fast', 'compiled': 1, 'compile': 1}}))
     precision.choose_compile(compile_flags(), settings, tiny, 10 ** 5)
     assert calls == [1, 1]
+
+
+def test_precision_and_compile_are_chosen_together(cache, monkeypatch):
+    """With both auto, the candidates compete by their whole run: here the fastest eager one (bf16 channels_last)
+    compiles slower, and bf16 with fp32 depthwise convolutions compiles to half its eager step."""
+    probed = fake_times(monkeypatch, TIMES)
+    ratios = {'bf16 channels_last': 1.2, 'bf16 depthwise fp32': 0.5}  # compiled / eager step; the others 1.1
+    clock, timed = [0.0], []
+
+    def fake_compile(build, settings, batch):  # takes 70 s of the fake clock
+        label = precision.settings_label(settings)
+        timed.append(label)
+        clock[0] += 70.0
+        eager = TIMES[label]
+        return {'eager': eager, 'compiled': eager * ratios.get(label, 1.1), 'compile': 60.0}
+
+    monkeypatch.setattr(precision, 'probe_compile', fake_compile)
+    monkeypatch.setattr(precision.time, 'perf_counter', lambda: clock[0])
+    cpu, auto = torch.device('cpu'), compile_flags(use_amp='auto', channels_last='auto')
+    # 1000 steps x 0.5 s: 50 s for the search, spent on the first candidate; it stays eager
+    assert precision.choose_run(auto, cpu, tiny, 1000) == (True, True, False, 'bfloat16', False)
+    assert timed == ['bf16 channels_last'] and len(probed) == 6
+    # 10,000 steps: 500 s; the search goes on down the ranking (the first timing remembered) and finds the
+    # compiled depthwise candidate: 60 + 10,000 x 0.3 s against 5,000 s eager
+    assert precision.choose_run(auto, cpu, tiny, 10 ** 4) == (True, False, True, 'bfloat16', True)
+    assert timed[:2] == ['bf16 channels_last', 'bf16 depthwise fp32'] and len(timed) <= 1 + 500 // 70 + 1
+    assert sum(k.endswith(' | compile') for k in json.loads(cache.read_text())) == len(timed)
+    # a short run stays eager without timing anything more; an explicit precision decides compiling for it alone
+    n = len(timed)
+    assert precision.choose_run(auto, cpu, tiny, 50) == (True, True, False, 'bfloat16', False)
+    # a time budget of 25 s holds 50 of the 10^6 steps at 0.5 s: as short a run
+    assert precision.choose_run(auto, cpu, tiny, 10 ** 6, max_seconds=25) == (True, True, False, 'bfloat16', False)
+    assert len(timed) == n
+    assert precision.choose_run(compile_flags(use_amp=True, channels_last=False, depthwise_fp32=True), cpu, tiny,
+                                10 ** 4) == (True, False, True, 'bfloat16', True)
+    assert len(timed) == n and len(probed) == 6  # both remembered
 
 
 def test_real_compile_probe_times_a_tiny_model():
@@ -270,7 +328,8 @@ def test_device_settings_reuses_freed_memory_only_when_asked(monkeypatch):
     import runtime
     calls = []
     monkeypatch.setattr(runtime, 'reuse_freed_memory', lambda: calls.append(1) or True)
-    monkeypatch.setattr(runtime, 'choose_precision', lambda args, device, build, inference: (False, False, 'bfloat16'))
+    monkeypatch.setattr(runtime, 'choose_precision',
+                        lambda args, device, build, inference: (False, False, False, 'bfloat16'))
     for flag, expected in ((False, 0), (True, 1)):
         calls.clear()
         runtime.device_settings(SimpleNamespace(reuse_freed_memory=flag), torch.device('cpu'))

@@ -44,7 +44,7 @@ def test_training_writes_outputs(trained):
     ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
     assert ckpt['epoch'] == 1 and {'optimizer', 'lr_scheduler', 'rng', 'args'} <= set(ckpt)
     saved = json.loads((out / 'args.json').read_text())  # --use_amp/--channels_last auto: what the run used
-    assert isinstance(saved['use_amp'], bool) and isinstance(saved['channels_last'], bool)
+    assert all(isinstance(saved[k], bool) for k in ('use_amp', 'channels_last', 'depthwise_fp32'))
     assert ckpt['args']['use_amp'] == saved['use_amp']
     assert summary['test']['n'] == 10 and 0 <= summary['test']['auroc'] <= 1
 
