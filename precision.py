@@ -305,15 +305,16 @@ def compile_timing(args, settings, build, batch):
 
 
 def run_seconds(entry, eager_s, steps):
-    """Seconds of a run of ``steps`` steps at ``eager_s`` seconds a step eager, and with the compiled speed of a
-    ``probe_compile`` entry (its compiled/eager ratio applied to ``eager_s``, plus its compile seconds).
+    """Seconds of a run of ``steps`` steps, eager and compiled, from a ``probe_compile`` entry (its eager and
+    compiled steps, timed one after the other; the compiled run adds the compile seconds), or, for an entry
+    without timings, from ``eager_s`` (the precision probe's seconds per step).
 
     Returns:
         (eager seconds: float, compiled seconds: float, inf when compiling failed).
     """
     if 'error' in entry:
         return steps * eager_s, float('inf')
-    return steps * eager_s, entry['compile'] + steps * eager_s * entry['compiled'] / max(entry['eager'], 1e-9)
+    return steps * entry['eager'], entry['compile'] + steps * entry['compiled']
 
 
 def choose_compile(args, settings, build, steps):
@@ -357,7 +358,7 @@ def choose_compile(args, settings, build, steps):
                     log.info(f'--compile False: torch.compile fails here ({entry["error"]})')
                     decision = False
                 else:
-                    eager_total, compiled_total = steps * entry['eager'], entry['compile'] + steps * entry['compiled']
+                    eager_total, compiled_total = run_seconds(entry, eager_s, steps)
                     decision = compiled_total < eager_total
                     log.info(f'--compile {decision}: {steps} steps eager {eager_total / 60:.1f} min, compiled '
                              f'{compiled_total / 60:.1f} min ({entry["compile"]:.0f} s to compile, '
@@ -413,24 +414,25 @@ def choose_run(args, device, build, steps, max_seconds=None):
     Raises:
         DataError: as ``choose`` and ``choose_compile``.
     """
-    use_amp, channels_last, depthwise_fp32, amp_dtype = choose(args, device, build)
     wanted = requested(args)
     if args.compile not in (True, False, 'auto'):
         raise DataError(f'--compile must be True, False or auto, got {args.compile}')
     if args.compile != 'auto' or device.type == 'cuda' or 'auto' not in wanted:
+        use_amp, channels_last, depthwise_fp32, amp_dtype = choose(args, device, build)
         settings = DeviceSettings(device, use_amp, amp_dtype, channels_last, depthwise_fp32)
         return use_amp, channels_last, depthwise_fp32, amp_dtype, choose_compile(args, settings, build, steps)
-    step_s = step_times(args, device, build)  # remembered by choose
+    step_s, amp_dtype = step_times(args, device, build), args.amp_dtype
     ranked = sorted(allowed_candidates(wanted), key=step_s.get)
     if max_seconds:
         steps = min(steps, max(1, int(max_seconds / step_s[ranked[0]])))
     if steps * step_s[ranked[0]] < MIN_COMPILE_SECONDS:
         log.info(f'--compile False: {steps} steps x {step_s[ranked[0]]:.3f} s eager is too short to gain from '
                  'compiling')
-        return use_amp, channels_last, depthwise_fp32, amp_dtype, False
-    choice = search_compiled(args, device, build, steps, ranked, step_s) if is_main_process() else None
-    label, compiled = broadcast_object(choice)  # every process of a torchrun job runs as rank 0 decided
+        label, compiled = ranked[0], False
+    else:
+        choice = search_compiled(args, device, build, steps, ranked, step_s) if is_main_process() else None
+        label, compiled = broadcast_object(choice)  # every process of a torchrun job runs as rank 0 decided
     use_amp, channels_last, depthwise_fp32 = CANDIDATES[label]
     log.info(f'--use_amp {use_amp} --channels_last {channels_last} --depthwise_fp32 {depthwise_fp32} --compile '
-             f'{compiled} for this run')
+             f'{compiled} on {machine_name(device)}')
     return use_amp, channels_last, depthwise_fp32, amp_dtype, compiled
