@@ -283,6 +283,11 @@ def valid_compile_entry(entry):
     return all(isinstance(entry.get(k), (int, float)) and entry[k] >= 0 for k in ('eager', 'compiled', 'compile'))
 
 
+def compile_key(args, device, label):
+    """The key a compile timing is remembered under: the precision probe's key, the candidate's label, ``compile``."""
+    return f'{probe_key(device, args)} | {label} | compile'
+
+
 def compile_timing(args, settings, build, batch):
     """The ``probe_compile`` entry of ``settings`` remembered in ``cache_path()``, or measured now and remembered.
 
@@ -290,7 +295,7 @@ def compile_timing(args, settings, build, batch):
         (entry: dict, see ``probe_compile``; seconds spent measuring it: float, 0.0 when remembered).
     """
     label, path = settings_label(settings), cache_path()
-    key = f'{probe_key(settings.device, args)} | {label} | compile'
+    key = compile_key(args, settings.device, label)
     entry = read_cache(path).get(key)
     if valid_compile_entry(entry):
         return entry, 0.0
@@ -382,8 +387,8 @@ def search_compiled(args, device, build, steps, ranked, step_s):
         batch = torch.randn(args.batch_size, args.in_chans, args.input_size, args.input_size)
         for i, label in enumerate(ranked):
             settings = DeviceSettings(device, CANDIDATES[label][0], 'bfloat16', *CANDIDATES[label][1:])
-            key = f'{probe_key(device, args)} | {label} | compile'
-            if i and spent + cost > allowance and not valid_compile_entry(read_cache(cache_path()).get(key)):
+            remembered = read_cache(cache_path()).get(compile_key(args, device, label))
+            if i and spent + cost > allowance and not valid_compile_entry(remembered):
                 summary.append(f'{label}: compile not timed')  # slower eager than the first: it cannot win eager
                 continue
             entry, seconds = compile_timing(args, settings, build, batch)
