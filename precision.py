@@ -136,6 +136,12 @@ CANDIDATES = {  # label -> (use_amp, channels_last, depthwise_fp32)
     'bf16 depthwise fp32': (True, False, True), 'bf16 channels_last depthwise fp32': (True, True, True)}
 
 
+def candidate_settings(device, label):
+    """``engine.DeviceSettings`` of the candidate ``label`` of ``CANDIDATES`` on ``device`` (CPU autocast: bf16)."""
+    use_amp, channels_last, depthwise_fp32 = CANDIDATES[label]
+    return DeviceSettings(device, use_amp, 'bfloat16', channels_last, depthwise_fp32)
+
+
 def probe(args, device, build, inference=False):
     """Time every candidate of ``CANDIDATES`` on a fresh model from ``build()``; the RNG states are restored after.
     A candidate whose warm-up step alone takes over ``GIVE_UP_FACTOR`` x the fastest median so far is not timed
@@ -150,9 +156,9 @@ def probe(args, device, build, inference=False):
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         model = build().train(not inference)
         batch = torch.randn(probe_batch_size(args, inference), args.in_chans, args.input_size, args.input_size)
-        for label, (amp, cl, dw) in CANDIDATES.items():
+        for label in CANDIDATES:
             best = min(times.values(), default=None)
-            times[label] = round(time_step(model, DeviceSettings(device, amp, 'bfloat16', cl, dw), batch,
+            times[label] = round(time_step(model, candidate_settings(device, label), batch,
                                            give_up_after=None if best is None else GIVE_UP_FACTOR * best,
                                            train=not inference), 4)
     return times
@@ -288,17 +294,19 @@ def compile_key(args, device, label):
     return f'{probe_key(device, args)} | {label} | compile'
 
 
-def compile_timing(args, settings, build, batch):
-    """The ``probe_compile`` entry of ``settings`` remembered in ``cache_path()``, or measured now and remembered.
+def compile_timing(args, settings, build, batch, measure=True):
+    """The ``probe_compile`` entry of ``settings`` remembered in ``cache_path()``, or (``measure``) measured now and
+    remembered.
 
     Returns:
-        (entry: dict, see ``probe_compile``; seconds spent measuring it: float, 0.0 when remembered).
+        (entry: dict, see ``probe_compile``, or None when none is remembered and ``measure`` is False; seconds spent
+        measuring it: float, 0.0 when remembered).
     """
     label, path = settings_label(settings), cache_path()
     key = compile_key(args, settings.device, label)
     entry = read_cache(path).get(key)
-    if valid_compile_entry(entry):
-        return entry, 0.0
+    if valid_compile_entry(entry) or not measure:
+        return (entry if valid_compile_entry(entry) else None), 0.0
     log.info(f'timing torch.compile of {args.model} ({label}) once for this machine')
     t0 = time.perf_counter()
     entry = probe_compile(build, settings, batch)
@@ -386,12 +394,11 @@ def search_compiled(args, device, build, steps, ranked, step_s):
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         batch = torch.randn(args.batch_size, args.in_chans, args.input_size, args.input_size)
         for i, label in enumerate(ranked):
-            settings = DeviceSettings(device, CANDIDATES[label][0], 'bfloat16', *CANDIDATES[label][1:])
-            remembered = read_cache(cache_path()).get(compile_key(args, device, label))
-            if i and spent + cost > allowance and not valid_compile_entry(remembered):
+            measure = not i or spent + cost <= allowance
+            entry, seconds = compile_timing(args, candidate_settings(device, label), build, batch, measure)
+            if entry is None:
                 summary.append(f'{label}: compile not timed')  # slower eager than the first: it cannot win eager
                 continue
-            entry, seconds = compile_timing(args, settings, build, batch)
             spent, cost = spent + seconds, seconds or cost
             eager_total, compiled_total = run_seconds(entry, step_s[label], steps)
             best = min(best, (eager_total, label, False), (compiled_total, label, True))
