@@ -128,18 +128,20 @@ def measure(opts, pipeline):
     cache = runtime.make_cache(args, len(frame) + len(splits['test'])) if pipeline == 'tuned' else None
     train_set = runtime.make_dataset(frame, args, True, cache)
     eval_set = runtime.make_dataset(splits['test'], args, False, cache)
+    if pipeline == 'tuned':  # --num_workers -1 as main.py resolves it; plain keeps the cores-minus-one default
+        runtime.settle_workers(args, dev, train_set, lambda: build_model(args), opts.epochs)
     model = build_model(args)
     flops = train_flops_per_image(model, args, torch.device('cpu'))
     run_model = runtime.prepare_model(model, args, dev)
     optimizer, lr_scheduler = build_optimizer(model, args, len(train_set) // args.batch_size)
     criterion = SoftLabelLoss(args.nb_classes).to(dev.device)
     gate = Gate(opts.report_fd)
-    loader = SteadyWindow(runtime.make_loader(train_set, args, dev.device, True), opts.warmup, dev.device,
-                          opts.steps // opts.rounds, gate)
+    train_loader = runtime.make_loader(train_set, args, dev.device, True)
+    loader = SteadyWindow(train_loader, opts.warmup, dev.device, opts.steps // opts.rounds, gate)
     train_one_epoch(run_model, criterion, loader, optimizer, dev, 0, lr_scheduler=lr_scheduler)
     gate.wait()  # the rest runs alone
     out = {'train img/s': loader.images_per_second(opts.steps), 'turns s': loader.turns,
-           'loader share': loader.loader_share()}
+           'loader share': loader.loader_share(), 'loader workers': train_loader.num_workers}
     out['GEMM peak share'] = flops * out['train img/s'] / gemm_peak(dev.device, dev.use_amp)
     out['precision'] = settings_label(dev) + (' compiled' if args.compile else '')
 
@@ -221,7 +223,7 @@ def measure_timm(opts):
         gate.wait()  # the rest runs alone
     rate = window.images_per_second(opts.steps)
     return {'train img/s': rate, 'turns s': window.turns, 'precision': settings_label(dev),
-            'loader share': window.loader_share(),
+            'loader share': window.loader_share(), 'loader workers': loader.num_workers,
             'GEMM peak share': flops * rate / gemm_peak(dev.device, dev.use_amp)}
 
 
@@ -266,7 +268,7 @@ def main(argv=None):
         raise DataError(f'--steps {opts.steps} must be a multiple of --rounds {opts.rounds} (both at least 1)')
     pipelines = ['tuned'] + ['plain'] * opts.compare + ['timm'] * (opts.peer == 'timm')
     results = interleave({p: [sys.executable, __file__, *argv, '--pipeline', p] for p in pipelines}, opts.rounds)
-    keys = ['train img/s', 'loader share', 'GEMM peak share', 'eval img/s', 'onnx eval img/s', 'predict img/s',
+    keys = ['train img/s', 'loader share', 'loader workers', 'GEMM peak share', 'eval img/s', 'onnx eval img/s', 'predict img/s',
             'peak RSS MiB']
     device = runtime.resolve_device(opts.device)
     print(f'\n{opts.model} {opts.input_size} px, batch {opts.batch_size}, {opts.steps} timed steps after '
@@ -275,7 +277,8 @@ def main(argv=None):
     print(f'{"":16s}' + ''.join(f'{k:>20s}' for k in results))
     print(f'{"precision":16s}' + ''.join(f'{r["precision"]:>20s}' for r in results.values()))
     for k in keys:
-        print(f'{k:16s}' + ''.join(f'{r[k]:20.2f}' if k in r else f'{"-":>20s}' for r in results.values()))
+        print(f'{k:16s}' + ''.join(f'{"-":>20s}' if k not in r else f'{r[k]:20d}' if isinstance(r[k], int)
+                                   else f'{r[k]:20.2f}' for r in results.values()))
     ratios = {other: round_ratios(results['tuned']['turns s'], results[other]['turns s'])
               for other in ('plain', 'timm') if other in results}
     for other, rounds in ratios.items():

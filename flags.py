@@ -145,7 +145,8 @@ def add_data_flags(p):
     g.add_argument('--use_shift', type=str2bool, default=False, help='random crop shift at train time')
     g.add_argument('--strict_images', type=str2bool, default=False, help='stop on a corrupt image')
     g.add_argument('--num_workers', type=int, default=-1,
-                   help='DataLoader workers per process; -1: CPU cores per process minus one, at most 8')
+                   help='DataLoader workers per process; -1: cores per process minus one (at most 8), or none '
+                        'where a timed probe of training on a CPU finds that faster (workers.py)')
     g.add_argument('--pin_mem', type=str2bool, default=True, help='pinned memory (CUDA only)')
     g.add_argument('--cache', default='auto', choices=['auto', 'memory', 'file', 'none'],
                    help='decode and resize images once: memory, file (memory plus a file beside the split), '

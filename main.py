@@ -34,7 +34,7 @@ from models import build_model, load_pretrained, read_checkpoint
 from predict import Predictor, predict_checkpoint
 from runlog import RunLog
 from runtime import (device_settings, load_training_data, make_dataset, make_loader, prepare_model, resolve_device,
-                     seed_loader)
+                     seed_loader, settle_workers, training_loaders)
 from utils import DataError, atomic_write_csv, atomic_write_json, folder_lock, run_cli, seed_everything
 
 log = logging.getLogger('main')
@@ -229,6 +229,8 @@ def train(args):
         load_pretrained(model, args.finetune, args.model_key)
     updates_per_epoch = max(1, len(data.train_loader) // args.update_freq)
     dev = device_settings(args, device, steps=args.epochs * len(data.train_loader))  # precision and --compile
+    settle_workers(args, dev, data.train_set, lambda: build_model(args), args.epochs)  # --num_workers -1
+    data.train_loader, data.val_loader = training_loaders(data.train_set, data.val_set, args, device)  # with them
     run_model = prepare_model(model, args, dev)
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     optimizer, lr_scheduler = build_optimizer(model, args, updates_per_epoch)

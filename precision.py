@@ -93,6 +93,28 @@ def read_cache(path):
         return {}
 
 
+def train_step(model, settings, x):
+    """One forward+backward pass of ``model`` on ``x`` (float32 tensor [B, C, H, W] already on the device in its
+    memory format, see ``DeviceSettings.inputs``) under the autocast of ``settings``, the gradients dropped after:
+    the work of a training step without an optimizer. The loss is FCMAE's own (the first item of a tuple output) or
+    a stand-in for a classifier (log-sum-exp of the logits)."""
+    with settings.autocast():
+        out = model(x)
+    loss = out[0] if isinstance(out, tuple) else out.float().logsumexp(-1).mean()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def remember(key, entry, what):
+    """Add ``entry`` under ``key`` to the remembered choices in ``cache_path()`` (an atomic rewrite); a file that
+    cannot be written is logged (``what``: the choice it was, e.g. ``the precision choice``) and the run goes on."""
+    path = cache_path()
+    try:
+        atomic_write_json({**read_cache(path), key: entry}, path)
+    except OSError as e:
+        log.warning(f'{path}: cannot remember {what} ({e.strerror})')
+
+
 def time_step(model, settings, batch, steps=PROBE_STEPS, give_up_after=None, train=True):
     """Median seconds of one forward+backward step of ``model`` on random inputs with ``settings`` (0.0 when
     ``steps`` is 0: the untimed warm-up step only); with ``train=False`` of one forward pass under
@@ -112,11 +134,7 @@ def time_step(model, settings, batch, steps=PROBE_STEPS, give_up_after=None, tra
             torch.cuda.synchronize(settings.device)
         t0 = time.perf_counter()
         if train:
-            with settings.autocast():
-                out = model(x)
-            loss = out[0] if isinstance(out, tuple) else out.float().logsumexp(-1).mean()  # FCMAE returns its loss
-            loss.backward()
-            model.zero_grad(set_to_none=True)
+            train_step(model, settings, x)
         else:
             with torch.inference_mode(), settings.autocast():
                 model(x)
@@ -201,10 +219,7 @@ def step_times(args, device, build, inference=False):
             step_s = probe(args, device, build, inference)
             log.info(f'precision probe ({PROBE_STEPS} {"forward passes" if inference else "forward+backward steps"} '
                      f'each), seconds per step: {step_s}')
-            try:
-                atomic_write_json({**read_cache(path), key: step_s}, path)
-            except OSError as e:
-                log.warning(f'{path}: cannot remember the precision choice ({e.strerror})')
+            remember(key, step_s, 'the precision choice')
     return broadcast_object(step_s)
 
 
@@ -310,10 +325,7 @@ def compile_timing(args, settings, build, batch, measure=True):
     log.info(f'timing torch.compile of {args.model} ({label}) once for this machine')
     t0 = time.perf_counter()
     entry = probe_compile(build, settings, batch)
-    try:
-        atomic_write_json({**read_cache(path), key: entry}, path)
-    except OSError as e:
-        log.warning(f'{path}: cannot remember the compile choice ({e.strerror})')
+    remember(key, entry, 'the compile choice')
     return entry, time.perf_counter() - t0
 
 

@@ -25,7 +25,7 @@ from models.fcmae import FCMAE
 from preprocess_data import scan_plain_folder
 from runlog import RunLog
 from runtime import cache_folder, device_settings, make_cache, make_dataset, make_loader, prepare_model, \
-    resolve_device, seed_loader, split_seed
+    resolve_device, seed_loader, settle_workers, split_seed
 from utils import DataError, atomic_torch_save, atomic_write_json, check_finite_loss, seed_everything
 
 log = logging.getLogger('pretrain')
@@ -124,6 +124,8 @@ def run(args):
     device = resolve_device(args.device)
     loader = make_loader(dataset, args, device, True)
     dev = device_settings(args, device, build, steps=args.epochs * len(loader))  # precision and --compile
+    settle_workers(args, dev, dataset, build, args.epochs)  # --num_workers -1
+    loader = make_loader(dataset, args, device, True)
     run_model = prepare_model(model, args, dev)
     optimizer, lr_scheduler = build_optimizer(model, args, len(loader), betas=(0.9, 0.95), layer_decay=None)
     log.info(f'FCMAE {args.model}: {len(dataset)} images, mask ratio {args.mask_ratio}, decoder '

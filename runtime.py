@@ -24,6 +24,7 @@ from models import build_model
 from precision import choose as choose_precision, choose_run, compile_error
 from preprocess_data import drop_boxes, split_name
 from utils import DataError
+from workers import choose_workers
 
 log = logging.getLogger('runtime')
 
@@ -112,19 +113,33 @@ def default_workers(world_size=1):
     return max(0, min(8, cores // max(1, world_size) - 1))
 
 
-def make_loader(dataset, args, device, train):
+def settle_workers(args, dev, dataset, build, epochs):
+    """Resolve ``--num_workers -1`` of a training or pretraining run on ``dataset`` (its training Dataset) with
+    ``workers.choose_workers`` (measured on a CPU) and set ``args.num_workers`` to the count, which the loaders
+    ``make_loader`` builds after take (and args.json records). ``dev``: the run's ``DeviceSettings``; ``build``:
+    callable returning a fresh model; ``epochs``: int. Returns the count."""
+    def loader(n):
+        return make_loader(dataset, args, dev.device, True, workers=n)
+
+    args.num_workers = choose_workers(args, dev, build, loader, len(loader(0)), epochs, default_workers(world_size()))
+    return args.num_workers
+
+
+def make_loader(dataset, args, device, train, workers=None):
     """DataLoader over a DefectDataset (skipped images dropped by ``collate_skip``); a batch twice as large to
     evaluate. Under torchrun, training uses ``DistributedSampler`` and evaluation ``ShardSampler``.
 
     Args:
         dataset: torch Dataset. args: flags (batch_size, num_workers, pin_mem, seed). device: torch.device.
+        workers: worker count in place of ``args.num_workers`` (-1: ``default_workers``).
         train: shuffle with a seeded generator (``loader.generator``) and drop the last partial batch. Training
             workers start afresh each epoch (not persistent): a worker seeds the RNGs augmentation draws from
             (torch, random, numpy) only when it starts, from the loader's generator, which ``seed_loader`` reseeds
             each epoch (under torchrun, from the process's RNG, which a checkpoint restores). So a resumed run's
             augmentation repeats the uninterrupted run's. Evaluation workers draw nothing at random and persist.
     """
-    workers = args.num_workers if args.num_workers >= 0 else default_workers(world_size())
+    if workers is None:
+        workers = args.num_workers if args.num_workers >= 0 else default_workers(world_size())
     sampler, generator = None, None
     if is_distributed():
         sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True) if train \
@@ -225,8 +240,13 @@ def load_training_data(args, device):
     cache = make_cache(args, sum(len(f) for f in splits.values()), cache_folder(args.data_path[0], args))
     train_set, val_set = main_first(lambda: (make_dataset(train_frame, args, True, cache),
                                              make_dataset(splits['val'], args, False, cache)))
-    return TrainingData(splits, train_set, val_set, make_loader(train_set, args, device, True),
-                        make_loader(val_set, args, device, False) if len(val_set) else None, cache)
+    return TrainingData(splits, train_set, val_set, *training_loaders(train_set, val_set, args, device), cache)
+
+
+def training_loaders(train_set, val_set, args, device):
+    """(training DataLoader, validation DataLoader or None for an empty ``val_set``) of a training run."""
+    val_loader = make_loader(val_set, args, device, False) if len(val_set) else None
+    return make_loader(train_set, args, device, True), val_loader
 
 
 def warn_eager(error):
