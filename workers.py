@@ -6,12 +6,14 @@ slowest thread. On a 2-core Intel Xeon, FCMAE pretraining (128 px, batch 32) ran
 23.1 s with none (six runs in alternating order). Whether a worker pays depends on the machine, on how long a batch
 takes to load and on the step, so it is measured: each candidate (the cores per process minus one, and none) loads
 real batches of the training set and runs forward+backward steps on them with the run's model, precision and memory
-format (eagerly), timed from the loader's start (a worker starts again each epoch, and its start counts); the
-candidates take turns, so a machine that speeds up or slows down favours none. The epoch each predicts (first batch
-+ the rest at the median step) decides, and the answer is remembered beside the precision choice per machine, torch
-version, model, input size, batch, precision and the training transform. The chosen count serves the validation
-and test loaders of the run too. On CUDA (the step runs on the GPU), under torchrun, in runs too short for the
-probe to pay, and with one core, the default stands without a probe: ``runtime.default_workers``.
+format, the candidates' loaders running at once and their batches taking turns (``probe_workers``). The epoch each
+predicts (the first batch, which counts a worker's start as every epoch does, + the rest at its step) decides, and the answer is remembered beside the precision choice per machine, torch version, model, input size,
+batch, precision and the training transform. The steps run eagerly even when the run compiles: a compiled step is
+shorter, but what a worker adds to it or takes off it (the loading moved off the loop, against the turns it takes
+from the step's threads) is the same seconds, so the order of the candidates stays. The chosen count serves the
+validation and test loaders of the run too. On CUDA (the step runs on the GPU), under torchrun, in runs too short
+for the probe to pay or with an epoch too short for it, and with one core, the default stands without a probe:
+``runtime.default_workers``.
 """
 import hashlib
 import logging
@@ -26,8 +28,7 @@ from distributed import is_distributed
 from precision import cache_path, probe_key, read_cache, remember, settings_label, train_step
 
 log = logging.getLogger('workers')
-PROBE_BATCHES = 4  # timed batches per candidate and round, after the one that starts the loader
-PROBE_ROUNDS = 2  # the candidates take turns this many times
+PROBE_BATCHES = 10  # timed batches per candidate in turns, after the one that starts its loader
 MIN_RUN_FACTOR = 10  # probe only runs of at least this many times the probe's own steps
 
 
@@ -43,58 +44,62 @@ def workers_key(args, settings, dataset, counts):
     """The key a worker choice is remembered under: the precision probe's key, the precision label, the candidate
     counts and ``transform_id``."""
     return (f'{probe_key(settings.device, args)} | {settings_label(settings)} | workers '
-            f'{",".join(map(str, counts))} | {transform_id(dataset)}')
+            f'{",".join(map(str, counts))} in turns | {transform_id(dataset)}')
 
 
-def time_loader(model, settings, loader, batches):
-    """Seconds of the first batch (from starting the loader: worker start-up, loading and its step) and the median
-    seconds of the next ``batches`` (waiting for each and its step), for ``loader``'s batches of (float32 images
-    [B, C, H, W], ...) or None (all skipped; not timed)."""
-    times, t0 = [], time.perf_counter()
-    it = iter(loader)
-    try:
-        for batch in it:
-            if batch is not None:
-                train_step(model, settings, settings.inputs(batch[0]))
-            t = time.perf_counter()
-            times.append(t - t0)
-            t0 = t
-            if len(times) > batches:
-                break
-    finally:
-        del it  # its workers stop
-    rest = sorted(times[1:])
-    return times[0], (rest[len(rest) // 2] if rest else times[0])
+def timed_step(model, settings, it):
+    """Seconds to take the next batch of the iterator ``it`` (float32 images [B, C, H, W], ..., or None: all
+    skipped, no step) and run a forward+backward step on it."""
+    t0 = time.perf_counter()
+    batch = next(it)
+    if batch is not None:
+        train_step(model, settings, settings.inputs(batch[0]))
+    return time.perf_counter() - t0
 
 
 def probe_workers(settings, build, make_loader, counts, steps_per_epoch):
-    """Predicted seconds an epoch for each worker count in ``counts``, measured (see the module docstring); the RNG
-    states of torch, numpy and random are restored after.
+    """Predicted seconds an epoch for each worker count in ``counts``, measured; the RNG states of torch, numpy and
+    random are restored after.
+
+    One loader per count runs at once and their batches take turns, one step each: while one count's batch steps,
+    another's worker has its batches loaded already and waits, so each step sees only its own loader's work, and
+    a machine that speeds up or slows down moves all counts alike (the steps of one round are seconds apart). A
+    count's step is the last count's median step + the median of their differences in each round: the differences
+    vary less than the steps (measured for FCMAE pretraining on 2 cores, compiled, none against one worker, five
+    probes of 12 rounds: one worker's medians 0.41-0.52 s a step, the paired differences +0.007 to +0.026 s, all
+    five favouring none).
 
     Args:
         settings: ``engine.DeviceSettings`` of the run. build: callable returning a fresh model (a classifier, or an
             FCMAE whose forward returns its loss first). make_loader: callable n -> the training DataLoader with
-            ``n`` workers. counts: worker counts to compare. steps_per_epoch: int.
+            ``n`` workers and at least ``PROBE_BATCHES + 1`` batches. counts: worker counts to compare.
+            steps_per_epoch: int.
 
     Returns:
-        dict count -> seconds (float): first batch + (steps_per_epoch - 1) x the median later batch.
+        dict count -> seconds (float): the first batch (from starting the loader: worker start-up, loading and its
+        step) + (steps_per_epoch - 1) x the count's step (waiting for a batch and its step, above).
     """
     states = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]):
             model = build().train()
             settings.prepare(model)
-            time_loader(model, settings, make_loader(0), 0)  # warms the step up
-            first, rest = {n: [] for n in counts}, {n: [] for n in counts}
-            for _ in range(PROBE_ROUNDS):
+            timed_step(model, settings, iter(make_loader(0)))  # warms the step up
+            first, rest, iters = {}, {n: [] for n in counts}, {}
+            for n in counts:
+                t0 = time.perf_counter()
+                iters[n] = iter(make_loader(n))
+                first[n] = timed_step(model, settings, iters[n]) + time.perf_counter() - t0
+            for _ in range(PROBE_BATCHES):
                 for n in counts:
-                    f, r = time_loader(model, settings, make_loader(n), PROBE_BATCHES)
-                    first[n].append(f)
-                    rest[n].append(r)
+                    rest[n].append(timed_step(model, settings, iters[n]))
+            del iters  # their workers stop
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
-    return {n: round(float(np.median(first[n]) + (steps_per_epoch - 1) * np.median(rest[n])), 2) for n in counts}
+    base = counts[-1]  # each count's step: the median of the last count's + the median of the paired differences
+    step = {n: float(np.median(rest[base]) + np.median(np.subtract(rest[n], rest[base]))) for n in counts}
+    return {n: round(first[n] + (steps_per_epoch - 1) * step[n], 2) for n in counts}
 
 
 def choose_workers(args, settings, build, make_loader, steps_per_epoch, epochs, default):
@@ -113,9 +118,9 @@ def choose_workers(args, settings, build, make_loader, steps_per_epoch, epochs, 
     if args.num_workers >= 0:
         return args.num_workers
     counts = [default, 0] if default > 0 else [0]
-    probe_steps = (1 + PROBE_ROUNDS * len(counts) * (PROBE_BATCHES + 1))
-    if settings.device.type != 'cpu' or is_distributed() or len(counts) == 1 or \
-            steps_per_epoch * epochs < MIN_RUN_FACTOR * probe_steps:
+    probe_steps = 1 + len(counts) * (PROBE_BATCHES + 1)
+    if settings.device.type != 'cpu' or is_distributed() or len(counts) == 1 or steps_per_epoch <= PROBE_BATCHES \
+            or steps_per_epoch * epochs < MIN_RUN_FACTOR * probe_steps:
         return default
     key = workers_key(args, settings, make_loader(0).dataset, counts)
     epoch_s = read_cache(cache_path()).get(key)
@@ -126,7 +131,7 @@ def choose_workers(args, settings, build, make_loader, steps_per_epoch, epochs, 
     else:
         epoch_s = probe_workers(settings, build, make_loader, counts, steps_per_epoch)
         remember(key, {str(n): t for n, t in epoch_s.items()}, 'the loader worker choice')
-        source = f'measured ({PROBE_ROUNDS} x {PROBE_BATCHES + 1} batches each)'
+        source = f'measured ({PROBE_BATCHES + 1} batches each, in turns)'
     workers = min(counts, key=lambda n: (epoch_s[n], n))
     log.info(f'loader workers {source}, predicted seconds an epoch: '
              + ', '.join(f'{n}: {t:g}' for n, t in epoch_s.items()) + f' -> {workers}')

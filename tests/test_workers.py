@@ -73,7 +73,7 @@ def test_faster_count_wins_and_is_remembered(cache, monkeypatch):
     assert calls == [[1, 0]]
     entry = json.loads(cache.read_text())
     (key, value), = entry.items()
-    assert value == {'1': 30.0, '0': 20.0} and '| workers 1,0 |' in key and '| fp32 |' in key
+    assert value == {'1': 30.0, '0': 20.0} and '| workers 1,0 in turns |' in key and '| fp32 |' in key
     # the next run reads the answer; a slower worker count would have won had it been measured again
     monkeypatch.setattr(workers, 'probe_workers', fake_probe({1: 10.0, 0: 20.0}, calls))
     assert workers.choose_workers(flags(), CPU, tiny, make, 100, 10, 1) == 0 and len(calls) == 1
@@ -96,12 +96,14 @@ def test_default_without_a_probe(cache, monkeypatch):
     make = loaders(Slow())
     assert workers.choose_workers(flags(), CPU, tiny, make, 10, 2, 1) == 1  # a run shorter than 10 probes
     assert workers.choose_workers(flags(), CPU, tiny, make, 100, 10, 0) == 0  # one core: nothing to compare
+    assert workers.choose_workers(flags(), CPU, tiny, make, 8, 1000, 1) == 1  # an epoch shorter than the probe
     gpu = DeviceSettings(torch.device('cuda'), True, 'bfloat16', True)
     assert workers.choose_workers(flags(), gpu, tiny, make, 100, 10, 4) == 4  # the step runs on the GPU
     assert calls == [] and not cache.exists()
 
 
-def test_probe_times_real_loading_and_leaves_the_rngs_as_they_were():
+def test_probe_times_real_loading_and_leaves_the_rngs_as_they_were(monkeypatch):
+    monkeypatch.setattr(workers, 'PROBE_BATCHES', 3)  # the 4 batches of an epoch of Slow
     torch.manual_seed(0)
     random.seed(0)
     np.random.seed(0)
@@ -116,10 +118,9 @@ def test_probe_times_real_loading_and_leaves_the_rngs_as_they_were():
     assert np.array_equal(np.random.get_state()[1], before[2])
 
 
-def test_time_loader_counts_the_start_in_the_first_batch():
-    make = loaders(Slow(0.05))
-    first, rest = workers.time_loader(tiny().train(), CPU, make(0), 2)
-    assert first >= 4 * 0.05 and rest >= 4 * 0.05
+def test_timed_step_waits_for_the_batch():
+    loader = loaders(Slow(0.05))(0)
+    assert workers.timed_step(tiny().train(), CPU, iter(loader)) >= 4 * 0.05
 
 
 def test_transform_id_is_stable_and_tells_transforms_apart():
@@ -132,8 +133,7 @@ def test_transform_id_is_stable_and_tells_transforms_apart():
 def test_training_run_records_the_chosen_count(elpv_small, tmp_path, cache, monkeypatch):
     import main
     monkeypatch.setattr(workers, 'MIN_RUN_FACTOR', 0)
-    monkeypatch.setattr(workers, 'PROBE_BATCHES', 1)
-    monkeypatch.setattr(workers, 'PROBE_ROUNDS', 1)
+    monkeypatch.setattr(workers, 'PROBE_BATCHES', 1)  # 2 steps an epoch
     argv = train_argv(elpv_small, tmp_path / 'run', '--epochs', '1', '--use_amp', 'False', '--channels_last',
                       'False', '--compile', 'False')
     argv[argv.index('--num_workers') + 1] = '-1'
@@ -141,5 +141,5 @@ def test_training_run_records_the_chosen_count(elpv_small, tmp_path, cache, monk
     main.main(argv)
     saved = json.loads((tmp_path / 'run' / 'args.json').read_text())
     (key, epoch_s), = json.loads(cache.read_text()).items()
-    assert set(epoch_s) == {'1', '0'} and '| workers 1,0 |' in key
+    assert set(epoch_s) == {'1', '0'} and '| workers 1,0 in turns |' in key
     assert saved['num_workers'] == min((0, 1), key=lambda n: (epoch_s[str(n)], n))
