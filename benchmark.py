@@ -268,8 +268,8 @@ def main(argv=None):
         raise DataError(f'--steps {opts.steps} must be a multiple of --rounds {opts.rounds} (both at least 1)')
     pipelines = ['tuned'] + ['plain'] * opts.compare + ['timm'] * (opts.peer == 'timm')
     results = interleave({p: [sys.executable, __file__, *argv, '--pipeline', p] for p in pipelines}, opts.rounds)
-    keys = ['train img/s', 'loader share', 'loader workers', 'GEMM peak share', 'eval img/s', 'onnx eval img/s', 'predict img/s',
-            'peak RSS MiB']
+    keys = ['train img/s', 'loader share', 'loader workers', 'GEMM peak share', 'eval img/s', 'onnx eval img/s',
+            'predict img/s', 'peak RSS MiB']
     device = runtime.resolve_device(opts.device)
     print(f'\n{opts.model} {opts.input_size} px, batch {opts.batch_size}, {opts.steps} timed steps after '
           f'{opts.warmup} in {opts.rounds} interleaved turns, {device}, {torch.get_num_threads()} threads, '

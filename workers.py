@@ -1,18 +1,20 @@
 """Data-loader workers chosen per machine: ``--num_workers -1`` (the default) when training or pretraining.
 
-On a CPU the training step already keeps every core busy (torch's intra-op threads), so a loader worker does not
-run beside it for free: it takes turns with the step's threads, and each parallel region of the step waits for its
+On a CPU the training step already keeps every core busy (torch's intra-op threads), so a loader worker does not run
+beside it for free: it takes turns with the step's threads, and each parallel region of the step waits for its
 slowest thread. On a 2-core Intel Xeon, FCMAE pretraining (128 px, batch 32) ran 27.6 s an epoch with one worker and
 23.1 s with none (six runs in alternating order). Whether a worker pays depends on the machine, on how long a batch
 takes to load and on the step, so it is measured: each candidate (the cores per process minus one, and none) loads
 real batches of the training set and runs forward+backward steps on them with the run's model, precision and memory
 format, the candidates' loaders running at once and their batches taking turns (``probe_workers``). The epoch each
-predicts (the first batch, which counts a worker's start as every epoch does, + the rest at its step) decides, and the answer is remembered beside the precision choice per machine, torch version, model, input size,
-batch, precision and the training transform. The steps run eagerly even when the run compiles: a compiled step is
-shorter, but what a worker adds to it or takes off it (the loading moved off the loop, against the turns it takes
-from the step's threads) is the same seconds, so the order of the candidates stays. The chosen count serves the
-validation and test loaders of the run too. On CUDA (the step runs on the GPU), under torchrun, in runs too short
-for the probe to pay or with an epoch too short for it, and with one core, the default stands without a probe:
+predicts (the first batch, which counts a worker's start as every epoch does, + the rest at its step) decides, and
+the answer is remembered beside the precision choice per machine, torch version, model, input size, batch, precision
+and the training transform. The steps run eagerly even when the run compiles: a compiled step is shorter, but what a
+worker adds to it or takes off it (the loading moved off the loop, against the turns it takes from the step's
+threads) is about the same seconds, so the order of the candidates stays (for FCMAE pretraining on 2 cores, eager
+and compiled probes both favoured none). The chosen count serves the validation and test
+loaders of the run too. On CUDA (the step runs on the GPU), under torchrun, in runs too short for the probe to pay
+or with an epoch too short for it, and with one core, the default stands without a probe:
 ``runtime.default_workers``.
 """
 import hashlib
