@@ -131,15 +131,15 @@ def make_loader(dataset, args, device, train, workers=None):
 
     Args:
         dataset: torch Dataset. args: flags (batch_size, num_workers, pin_mem, seed). device: torch.device.
-        workers: worker count in place of ``args.num_workers`` (-1: ``default_workers``).
+        workers: worker count in place of ``args.num_workers``; -1 in either: ``default_workers``.
         train: shuffle with a seeded generator (``loader.generator``) and drop the last partial batch. Training
             workers start afresh each epoch (not persistent): a worker seeds the RNGs augmentation draws from
             (torch, random, numpy) only when it starts, from the loader's generator, which ``seed_loader`` reseeds
             each epoch (under torchrun, from the process's RNG, which a checkpoint restores). So a resumed run's
             augmentation repeats the uninterrupted run's. Evaluation workers draw nothing at random and persist.
     """
-    if workers is None:
-        workers = args.num_workers if args.num_workers >= 0 else default_workers(world_size())
+    workers = args.num_workers if workers is None else workers
+    workers = workers if workers >= 0 else default_workers(world_size())
     sampler, generator = None, None
     if is_distributed():
         sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True) if train \

@@ -19,15 +19,14 @@ or with an epoch too short for it, and with one core, the default stands without
 """
 import hashlib
 import logging
-import random
 import re
 import time
 
 import numpy as np
-import torch
 
 from distributed import is_distributed
 from precision import cache_path, probe_key, read_cache, remember, settings_label, train_step
+from utils import rng_state, set_rng_state
 
 log = logging.getLogger('workers')
 PROBE_BATCHES = 10  # timed batches per candidate in turns, after the one that starts its loader
@@ -60,8 +59,8 @@ def timed_step(model, settings, it):
 
 
 def probe_workers(settings, build, make_loader, counts, steps_per_epoch):
-    """Predicted seconds an epoch for each worker count in ``counts``, measured; the RNG states of torch, numpy and
-    random are restored after.
+    """Predicted seconds an epoch for each worker count in ``counts``, measured; the RNG states are restored after
+    (``utils.rng_state``).
 
     One loader per count runs at once and their batches take turns, one step each: while one count's batch steps,
     another's worker has its batches loaded already and waits, so each step sees only its own loader's work, and
@@ -81,24 +80,22 @@ def probe_workers(settings, build, make_loader, counts, steps_per_epoch):
         dict count -> seconds (float): the first batch (from starting the loader: worker start-up, loading and its
         step) + (steps_per_epoch - 1) x the count's step (waiting for a batch and its step, above).
     """
-    states = random.getstate(), np.random.get_state()
+    states = rng_state()
     try:
-        with torch.random.fork_rng(devices=[]):
-            model = build().train()
-            settings.prepare(model)
-            timed_step(model, settings, iter(make_loader(0)))  # warms the step up
-            first, rest, iters = {}, {n: [] for n in counts}, {}
+        model = build().train()
+        settings.prepare(model)
+        timed_step(model, settings, iter(make_loader(0)))  # warms the step up
+        first, rest, iters = {}, {n: [] for n in counts}, {}
+        for n in counts:
+            t0 = time.perf_counter()
+            iters[n] = iter(make_loader(n))
+            first[n] = timed_step(model, settings, iters[n]) + time.perf_counter() - t0
+        for _ in range(PROBE_BATCHES):
             for n in counts:
-                t0 = time.perf_counter()
-                iters[n] = iter(make_loader(n))
-                first[n] = timed_step(model, settings, iters[n]) + time.perf_counter() - t0
-            for _ in range(PROBE_BATCHES):
-                for n in counts:
-                    rest[n].append(timed_step(model, settings, iters[n]))
-            del iters  # their workers stop
+                rest[n].append(timed_step(model, settings, iters[n]))
+        del iters  # their workers stop
     finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
+        set_rng_state(states)
     base = counts[-1]  # each count's step: the median of the last count's + the median of the paired differences
     step = {n: float(np.median(rest[base]) + np.median(np.subtract(rest[n], rest[base]))) for n in counts}
     return {n: round(first[n] + (steps_per_epoch - 1) * step[n], 2) for n in counts}
