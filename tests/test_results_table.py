@@ -132,6 +132,18 @@ def test_compiled_and_eager_seeds_form_one_setup(tmp_path):
     assert len(df) == 2 and not any('compile' in setup for setup in df.index)
 
 
+def test_seeds_the_probe_ran_in_other_memory_layouts_form_one_setup_bf16_and_fp32_do_not(tmp_path):
+    runs = tmp_path / 'runs'  # the probe's choice can change between the seeds of one sweep on one machine
+    fake_run(runs / 'a', {'seed': 0, 'use_amp': True, 'channels_last': True, 'depthwise_fp32': True}, {'acc': 0.8})
+    fake_run(runs / 'b', {'seed': 1, 'use_amp': True, 'channels_last': False, 'depthwise_fp32': False}, {'acc': 0.7})
+    fake_run(runs / 'c', {'seed': 0, 'use_amp': False, 'channels_last': True, 'depthwise_fp32': False}, {'acc': 0.6})
+    df = results_table.table(results_table.collect([runs])).set_index('setup')
+    assert len(df) == 2 and not any('channels_last' in s or 'depthwise' in s for s in df.index)
+    bf16 = df.loc['use_amp=True']
+    assert bf16['seeds'] == '0 1' and bf16['runs'] == 2 and bf16['acc_mean'] == pytest.approx(0.75)
+    assert df.loc['use_amp=False', 'acc_mean'] == pytest.approx(0.6)
+
+
 def test_real_ensemble_row_equals_prediction_of_the_averaged_checkpoints(elpv_small, tmp_path):
     import main as train_main
     sweep_dir = tmp_path / 'sweep'
