@@ -13,12 +13,15 @@ torch's ``FlopCounterMode`` counts). Each pipeline runs in its own process:
 - tuned: this project's pipeline as main.py runs it (decode-once cache, ``--use_amp``, ``--channels_last`` and
   ``--depthwise_fp32`` auto, ``--compile auto`` decided for a training of ``--epochs`` epochs of the split;
   compiling happens in the warm-up; torch's fused AdamW step, ``--opt_fused True``; freed memory reused,
-  ``--reuse_freed_memory True``).
-- plain (``--compare True``): no cache, fp32, contiguous memory, the per-parameter AdamW step (``--opt_fused False``).
+  ``--reuse_freed_memory True``; on a CPU the depthwise weight gradient by the forward kernel,
+  ``--depthwise_wgrad forward_conv``).
+- plain (``--compare True``): no cache, fp32, contiguous memory, the per-parameter AdamW step (``--opt_fused False``),
+  PyTorch's own depthwise backward (``--depthwise_wgrad native``).
 - timm (``--peer timm``): a training loop built from timm's public pieces as timm's train.py builds it: timm's
   ImageFolder dataset and ``create_loader`` over the same training images, ``create_model``, ``create_optimizer_v2``,
   ``torch.autocast`` and channels_last as train.py applies them, cross-entropy. It runs in the precision the same
-  probe picks for the model on this machine among those timm offers (``--depthwise_fp32 False``).
+  probe picks for the model on this machine among those timm offers (``--depthwise_fp32 False``, ``--depthwise_wgrad
+  native``).
 
 The pipelines' processes take turns on the machine (``interleave``): each sets up and warms up alone, then the
 ``--steps`` timed steps of each run in ``--rounds`` turns, one process at a time, alternating (tuned, timm, timm,
@@ -65,12 +68,13 @@ def pipeline_args(opts, pipeline):
              '--test_val_ratio', *map(str, opts.test_val_ratio), '--lr', '1e-3']
     if pipeline == 'plain':
         flags += ['--cache', 'none', '--use_amp', 'False', '--channels_last', 'False', '--opt_fused', 'False',
-                  '--reuse_freed_memory', 'False']
+                  '--reuse_freed_memory', 'False', '--depthwise_wgrad', 'native']
     else:
         flags += ['--cache', 'memory', '--use_amp', 'auto', '--channels_last', 'auto', '--compile', str(opts.compile),
                   '--opt_fused', str(opts.opt_fused),
                   '--reuse_freed_memory', str(opts.reuse_freed_memory and pipeline == 'tuned')]
-        flags += ['--depthwise_fp32', 'False'] if pipeline == 'timm' else []  # not a choice timm's train.py has
+        # not choices timm's train.py has: its precision is probed with PyTorch's own depthwise convolutions
+        flags += ['--depthwise_fp32', 'False', '--depthwise_wgrad', 'native'] if pipeline == 'timm' else []
     return cli.get_args_parser().parse_args(flags)
 
 

@@ -21,7 +21,7 @@ from distributed import all_reduce_sum, gather_predictions, is_distributed, is_m
 from imaging import write_image
 from labels import LABELS, defect_probability, head_classes, is_defect, label_indices
 from metrics import compute_metrics, reference_probabilities
-from models.depthwise import set_depthwise_fp32
+from models.depthwise import set_depthwise
 from plots import draw_graphs
 from softLabelLoss import SoftLabelLoss
 from utils import DataError, atomic_write_csv, atomic_write_json, check_finite_loss
@@ -43,12 +43,15 @@ class DeviceSettings:
         channels_last: NHWC memory format for the model and its inputs.
         depthwise_fp32: with ``use_amp``, the depthwise convolutions run in fp32 channels_last outside autocast
             (``models.depthwise``; faster on some CPUs, measured by ``precision.choose``).
+        depthwise_wgrad: 'forward_conv' (the depthwise convolutions' weight gradient by their forward kernel when
+            training on the CPU, ``models.depthwise``) or 'native' (PyTorch's backward).
     """
     device: torch.device = torch.device('cpu')
     use_amp: bool = False
     amp_dtype: str = 'bfloat16'
     channels_last: bool = False
     depthwise_fp32: bool = False
+    depthwise_wgrad: str = 'forward_conv'
 
     @property
     def memory_format(self):
@@ -64,9 +67,12 @@ class DeviceSettings:
 
     def prepare(self, model):
         """Move ``model`` (nn.Module, in place) to the device in the memory format, its depthwise convolutions in
-        fp32 channels_last when ``depthwise_fp32`` and ``use_amp`` are both set, else plain; returns ``model``."""
+        fp32 channels_last when ``depthwise_fp32`` and ``use_amp`` are both set, with their weight gradient by the
+        forward kernel on the CPU with ``depthwise_wgrad`` 'forward_conv' (``models.depthwise.set_depthwise``);
+        returns ``model``."""
         model.to(self.device, memory_format=self.memory_format)
-        set_depthwise_fp32(model, self.use_amp and self.depthwise_fp32)
+        set_depthwise(model, fp32=self.use_amp and self.depthwise_fp32,
+                      forward_conv_wgrad=self.depthwise_wgrad == 'forward_conv' and self.device.type == 'cpu')
         return model
 
     def inputs(self, images):

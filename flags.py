@@ -183,6 +183,9 @@ def add_run_flags(p):
     g.add_argument('--depthwise_fp32', type=str2bool_or_auto, default='auto',
                    help='with --use_amp: the depthwise convolutions in fp32 channels_last outside autocast (their '
                         'bf16 backward is slow on some CPUs); auto: measured per machine with --use_amp')
+    g.add_argument('--depthwise_wgrad', default='forward_conv', choices=['forward_conv', 'native'],
+                   help='weight gradient of the depthwise convolutions when training on a CPU: forward_conv computes '
+                        'it with the fast forward kernel, per sample (models.depthwise); native: PyTorch\'s backward')
     g.add_argument('--reuse_freed_memory', type=str2bool, default=True,
                    help='glibc malloc keeps freed blocks up to 32 MiB for reuse instead of returning them to the '
                         'system, so each step reuses the last step\'s activation memory (no page faults)')

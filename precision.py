@@ -31,6 +31,7 @@ import torch
 from distributed import broadcast_object, is_main_process
 from engine import EVAL_BATCH_FACTOR, DeviceSettings
 from models import resnet_roadmap
+from models.depthwise import WGRAD_CHOICES
 from utils import DataError, atomic_write_json
 
 log = logging.getLogger('precision')
@@ -80,8 +81,25 @@ def probe_key(device, args, inference=False):
         model += f' {args.norm_layer}'
     if args.model == 'resnet':  # the roadmap's steps are different networks
         model += ' ' + ' '.join(f'{k}={getattr(args, k, None)}' for k in resnet_roadmap.ROADMAP_FLAGS)
+    # a training step's time depends on how the depthwise weight gradient is computed (models.depthwise); the
+    # keys remembered before --depthwise_wgrad existed measured PyTorch's own, which 'native' still names
+    wgrad = not inference and device.type == 'cpu' and depthwise_wgrad(args) == 'forward_conv'
     return (f'{machine_name(device)} | torch {torch.__version__} | {model} | {args.input_size}px | '
-            f'batch {probe_batch_size(args, inference)} | {args.in_chans}ch' + (' | inference' if inference else ''))
+            f'batch {probe_batch_size(args, inference)} | {args.in_chans}ch' + (' | inference' if inference else '')
+            + (' | depthwise wgrad forward_conv' if wgrad else ''))
+
+
+def depthwise_wgrad(args):
+    """``args.depthwise_wgrad``: 'forward_conv' (also when missing, as in the arguments of runs from before the
+    flag) or 'native'.
+
+    Raises:
+        DataError: another value.
+    """
+    value = getattr(args, 'depthwise_wgrad', 'forward_conv')
+    if value not in WGRAD_CHOICES:
+        raise DataError(f'--depthwise_wgrad must be one of {", ".join(WGRAD_CHOICES)}, got {value}')
+    return value
 
 
 def read_cache(path):
@@ -154,10 +172,11 @@ CANDIDATES = {  # label -> (use_amp, channels_last, depthwise_fp32)
     'bf16 depthwise fp32': (True, False, True), 'bf16 channels_last depthwise fp32': (True, True, True)}
 
 
-def candidate_settings(device, label):
-    """``engine.DeviceSettings`` of the candidate ``label`` of ``CANDIDATES`` on ``device`` (CPU autocast: bf16)."""
+def candidate_settings(device, label, wgrad='forward_conv'):
+    """``engine.DeviceSettings`` of the candidate ``label`` of ``CANDIDATES`` on ``device`` (CPU autocast: bf16),
+    the depthwise weight gradient computed as ``wgrad`` says ('forward_conv' or 'native', ``models.depthwise``)."""
     use_amp, channels_last, depthwise_fp32 = CANDIDATES[label]
-    return DeviceSettings(device, use_amp, 'bfloat16', channels_last, depthwise_fp32)
+    return DeviceSettings(device, use_amp, 'bfloat16', channels_last, depthwise_fp32, wgrad)
 
 
 def probe(args, device, build, inference=False):
@@ -176,7 +195,7 @@ def probe(args, device, build, inference=False):
         batch = torch.randn(probe_batch_size(args, inference), args.in_chans, args.input_size, args.input_size)
         for label in CANDIDATES:
             best = min(times.values(), default=None)
-            times[label] = round(time_step(model, candidate_settings(device, label), batch,
+            times[label] = round(time_step(model, candidate_settings(device, label, depthwise_wgrad(args)), batch,
                                            give_up_after=None if best is None else GIVE_UP_FACTOR * best,
                                            train=not inference), 4)
     return times
@@ -407,7 +426,8 @@ def search_compiled(args, device, build, steps, ranked, step_s):
         batch = torch.randn(args.batch_size, args.in_chans, args.input_size, args.input_size)
         for i, label in enumerate(ranked):
             measure = not i or spent + cost <= allowance
-            entry, seconds = compile_timing(args, candidate_settings(device, label), build, batch, measure)
+            settings = candidate_settings(device, label, depthwise_wgrad(args))
+            entry, seconds = compile_timing(args, settings, build, batch, measure)
             if entry is None:
                 summary.append(f'{label}: compile not timed')  # slower eager than the first: it cannot win eager
                 continue
@@ -444,7 +464,7 @@ def choose_run(args, device, build, steps, max_seconds=None):
         raise DataError(f'--compile must be True, False or auto, got {args.compile}')
     if args.compile != 'auto' or device.type == 'cuda' or 'auto' not in wanted:
         use_amp, channels_last, depthwise_fp32, amp_dtype = choose(args, device, build)
-        settings = DeviceSettings(device, use_amp, amp_dtype, channels_last, depthwise_fp32)
+        settings = DeviceSettings(device, use_amp, amp_dtype, channels_last, depthwise_fp32, depthwise_wgrad(args))
         return use_amp, channels_last, depthwise_fp32, amp_dtype, choose_compile(args, settings, build, steps)
     step_s, amp_dtype = step_times(args, device, build), args.amp_dtype
     ranked = sorted(allowed_candidates(wanted), key=step_s.get)

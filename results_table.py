@@ -7,16 +7,15 @@
 Every folder below ``--runs`` with ``args.json`` and ``metrics.json`` (what ``main.py`` writes after its test
 evaluation) is one run; one trained with ``--model_ema_eval True`` also gives a row of its best EMA weights
 (``metrics_ema.json``, set-up ``weights=best EMA``). The EMA flags do not define the set-up of the row of the best
-(trained) weights, which they leave unchanged. A flag that a run's ``args.json`` lacks (saved before the flag
-existed) counts as main.py's default value, which is how that run behaved. Runs whose arguments differ only in
-``--seed`` (and in their output folders, or in how the precision probe chose to execute each:
-``--compile``, ``--channels_last``, ``--depthwise_fp32``) form one row; the row gives the mean and the sample
-standard deviation over its runs of each test metric, and the mean wall time of a run. The wall time is the process
-time that ``run.py`` recorded in its sweep's ``status.csv`` (the sum of the epoch times in ``log.txt`` when there is
-none); a run fine-tuned from an FCMAE encoder (``--finetune`` pointing at the ``encoder.pth`` of a ``--pretrain
-True`` run) also counts that pretraining's wall time once per run. ``--previous`` appends the rows of CSV files
-written before (an older recipe whose run folders are gone) and ``--name`` labels the new rows, so one table
-compares recipes.
+(trained) weights, which they leave unchanged. A flag that a run's ``args.json`` lacks (saved before the flag existed)
+counts as main.py's default value, which is how that run behaved. Runs whose arguments differ only in ``--seed`` (and
+in their output folders, or in how each executed: ``--compile``, ``--channels_last`` and ``--depthwise_fp32`` as the
+precision probe chose them, ``--depthwise_wgrad``) form one row; the row gives the mean and the sample standard
+deviation over its runs of each test metric, and the mean wall time of a run. The wall time is the process time that
+``run.py`` recorded in its sweep's ``status.csv`` (the sum of the epoch times in ``log.txt`` when there is none); a
+run fine-tuned from an FCMAE encoder (``--finetune`` pointing at the ``encoder.pth`` of a ``--pretrain True`` run)
+also counts that pretraining's wall time once per run. ``--previous`` appends the rows of CSV files written before (an
+older recipe whose run folders are gone) and ``--name`` labels the new rows, so one table compares recipes.
 
 ``--ensemble K`` adds, below each set-up's row, a row of ensembles of K of its runs: the runs, sorted by seed, are
 cut into consecutive groups of K (seeds 0-2, 3-5, ... for K = 3; runs left over are not used), each group's test
@@ -42,12 +41,12 @@ import pandas as pd
 from utils import DataError, atomic_write_csv, atomic_write_text, read_csv, run_cli
 
 METRICS = ('acc', 'auroc', 'f1', 'ece', 'brier', 'acc4')
-# Arguments that differ between the seeds of one set-up without changing it. ``compile``, ``channels_last`` and
-# ``depthwise_fp32`` are how a run executed (left to auto, the probe of precision.py decides them per machine,
-# model and size, and a later run can time a candidate an earlier one did not), not what it computes: the same
-# weights up to rounding. ``use_amp`` (bf16 or fp32 throughout) stays part of the set-up.
+# Arguments that differ between the seeds of one set-up without changing it. ``compile``, ``channels_last``,
+# ``depthwise_fp32`` and ``depthwise_wgrad`` are how a run executed (left to auto, the probe of precision.py decides
+# the first three per machine, model and size, and a later run can time a candidate an earlier one did not), not
+# what it computes: the same weights up to rounding. ``use_amp`` (bf16 or fp32 throughout) stays part of the set-up.
 PER_RUN = {'seed', 'output_dir', 'log_dir', 'log_name', 'resume', 'auto_resume', 'start_epoch', 'compile',
-           'channels_last', 'depthwise_fp32'}
+           'channels_last', 'depthwise_fp32', 'depthwise_wgrad'}
 # Arguments of the EMA weights only: the trained weights are the same with or without them (the EMA reads the
 # model and draws no random numbers), so they define the set-up of the EMA row, not of the row of the best weights.
 EMA_ONLY = {'model_ema', 'model_ema_decay', 'model_ema_eval'}

@@ -21,7 +21,7 @@ from distributed import ShardSampler, init_distributed, is_distributed, main_fir
 from engine import EVAL_BATCH_FACTOR, DeviceSettings
 from labels import LABELS
 from models import build_model
-from precision import choose as choose_precision, choose_run, compile_error
+from precision import choose as choose_precision, choose_run, compile_error, depthwise_wgrad
 from preprocess_data import drop_boxes, split_name
 from utils import DataError
 from workers import choose_workers
@@ -77,8 +77,8 @@ def reuse_freed_memory():
 
 
 def device_settings(args, device=None, build=None, inference=False, steps=None):
-    """``engine.DeviceSettings`` from the flags --device, --use_amp, --amp_dtype, --channels_last and --depthwise_fp32;
-    for a training run of ``steps`` steps also --compile.
+    """``engine.DeviceSettings`` from the flags --device, --use_amp, --amp_dtype, --channels_last, --depthwise_fp32
+    and --depthwise_wgrad; for a training run of ``steps`` steps also --compile.
 
     ``auto`` values are decided for this machine (``precision.choose``: a timed probe of the model, remembered per
     machine; with ``steps``, ``precision.choose_run``: precision and compiling together) and written back into
@@ -103,7 +103,8 @@ def device_settings(args, device=None, build=None, inference=False, steps=None):
         max_seconds = 60 * args.time_budget if getattr(args, 'time_budget', None) else None
         args.use_amp, args.channels_last, args.depthwise_fp32, args.amp_dtype, args.compile = choose_run(
             args, device, build, steps, max_seconds)
-    return DeviceSettings(device, args.use_amp, args.amp_dtype, args.channels_last, args.depthwise_fp32)
+    return DeviceSettings(device, args.use_amp, args.amp_dtype, args.channels_last, args.depthwise_fp32,
+                          depthwise_wgrad(args))
 
 
 def default_workers(world_size=1):

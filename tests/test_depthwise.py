@@ -1,4 +1,5 @@
-"""--depthwise_fp32: the depthwise convolutions in fp32 channels_last inside bf16 autocast (models.depthwise)."""
+"""--depthwise_fp32 (the depthwise convolutions in fp32 channels_last inside bf16 autocast) and --depthwise_wgrad
+(their weight gradient by the forward kernel on the CPU): models.depthwise."""
 import json
 
 import pytest
@@ -9,7 +10,10 @@ from torch import nn
 import main as cli
 from conftest import train_argv
 from engine import DeviceSettings
-from models.depthwise import DepthwiseConv2dFP32, set_depthwise_fp32
+import precision
+from models.depthwise import (DepthwiseConv2d, DepthwiseConv2dFP32, DepthwiseConvFunction, set_depthwise,
+                              set_depthwise_fp32)
+from utils import DataError
 from models.fcmae import FCMAE
 
 
@@ -73,12 +77,16 @@ def test_fcmae_masking_hooks_still_apply():
     torch.manual_seed(0)
     model = FCMAE('convnextv2_atto', decoder_embed_dim=32).train()
     x = torch.randn(2, 3, 64, 64)
-    losses = []
-    for enabled in (False, True):
-        set_depthwise_fp32(model, enabled)
+    losses, grads = [], []
+    for fp32, wgrad in ((False, False), (True, False), (False, True)):
+        set_depthwise(model, fp32=fp32, forward_conv_wgrad=wgrad)
+        model.zero_grad(set_to_none=True)
         torch.manual_seed(1)  # the same mask
         losses.append(model(x)[0])
-    assert torch.allclose(losses[0], losses[1], rtol=1e-5)
+        losses[-1].backward()
+        grads.append(model.encoder.encoder.stages[1].blocks[0].conv_dw.weight.grad)
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5) and torch.allclose(losses[0], losses[2], rtol=1e-5)
+    assert torch.allclose(grads[0], grads[2], rtol=1e-4, atol=1e-6)
 
 
 def test_training_with_fp32_depthwise_gives_a_plain_checkpoint(elpv_small, tmp_path):
@@ -98,7 +106,111 @@ def test_training_with_fp32_depthwise_gives_a_plain_checkpoint(elpv_small, tmp_p
 
 
 def test_depthwise_fp32_needs_autocast(elpv_small, tmp_path):
-    from utils import DataError
     with pytest.raises(DataError, match='--depthwise_fp32 True'):
         cli.main(train_argv(elpv_small, tmp_path / 'out', '--use_amp', 'False', '--depthwise_fp32', 'True'))
     assert not (tmp_path / 'out' / 'checkpoint-last.pth').exists()
+
+
+def test_forward_conv_weight_gradient_is_the_convolution_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 9, 11, dtype=torch.float64, requires_grad=True)  # odd sizes, a rectangular kernel
+    weight = torch.randn(5, 1, 7, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: DepthwiseConvFunction.apply(*t, (3, 2)), (x, weight, bias))
+    out = DepthwiseConvFunction.apply(x, weight, None, (3, 2))  # no bias: one gradient fewer, the same others
+    assert out.shape == (3, 5, 9, 11)
+    grads = torch.autograd.grad(out.square().sum(), (x, weight))
+    expected = torch.autograd.grad(nn.functional.conv2d(x, weight, padding=(3, 2), groups=5).square().sum(), (x, weight))
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(grads, expected))
+
+
+def model_gradients(model, x, autocast, backward_inside=True):
+    """The gradients of every parameter of ``model`` after one backward pass of ``x`` (optionally under autocast)."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        loss = model(x).logsumexp(-1).sum()
+        if backward_inside:
+            loss.backward()
+    if not backward_inside:
+        loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize('fp32', [False, True])
+def test_forward_conv_weight_gradient_trains_the_same_model(fp32):
+    torch.manual_seed(0)
+    model = timm.create_model('convnextv2_atto', num_classes=2).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    set_depthwise(model, fp32=fp32)
+    native = model_gradients(model, x, autocast=fp32)
+    assert set_depthwise(model, fp32=fp32, forward_conv_wgrad=True) == 12
+    conv = model.stages[2].blocks[0].conv_dw
+    assert type(conv) is (DepthwiseConv2dFP32 if fp32 else DepthwiseConv2d)
+    assert type(conv(torch.randn(1, 160, 8, 8)).grad_fn).__name__ == 'DepthwiseConvFunctionBackward'
+    # fp32 depthwise convolutions inside bf16 autocast: their weight gradient stays fp32 even when backward() runs
+    # inside the autocast block, as it does here
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(native, model_gradients(model, x, fp32)))
+    assert set_depthwise(model, fp32=fp32) == 12 and not getattr(conv, 'forward_conv_wgrad', False)
+
+
+def test_forward_conv_weight_gradient_in_bf16_is_close():
+    torch.manual_seed(0)
+    model, x = timm.create_model('convnextv2_atto', num_classes=2), torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        set_depthwise(model, fp32=False)
+    reference = model_gradients(model.double(), x.double(), autocast=False)
+    model.float()
+    errors = []
+    for wgrad in (False, True):
+        set_depthwise(model, forward_conv_wgrad=wgrad)
+        grads = model_gradients(model, x, autocast=True, backward_inside=False)
+        dw = [i for i, (name, _) in enumerate(model.named_parameters()) if name.endswith('conv_dw.weight')]
+        errors.append(max(((grads[i].double() - reference[i]).norm() / reference[i].norm()).item() for i in dw))
+    assert errors[1] < 0.05 and errors[1] < 3 * errors[0]  # bf16 rounding either way, of the same order
+
+
+def test_forward_conv_weight_gradient_only_where_it_applies():
+    torch.manual_seed(0)
+    model = timm.create_model('convnext_atto', num_classes=2)
+    set_depthwise(model, forward_conv_wgrad=True)
+    conv, x = model.stages[0].blocks[0].conv_dw, torch.randn(2, 40, 16, 16)
+    plain = nn.functional.conv2d(x, conv.weight, conv.bias, padding=3, groups=40)
+    assert type(conv(x).grad_fn).__name__ == 'DepthwiseConvFunctionBackward'
+    assert torch.allclose(conv(x), plain, atol=1e-6)
+    with torch.no_grad():  # evaluation and prediction: nn.Conv2d's own forward
+        assert torch.equal(conv(x), plain)
+    conv.weight.requires_grad_(False)  # a frozen layer: nothing to gain
+    assert type(conv(x).grad_fn).__name__ != 'DepthwiseConvFunctionBackward'
+    strided = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
+    set_depthwise(strided, forward_conv_wgrad=True)
+    assert type(strided) is DepthwiseConv2d and type(strided(torch.randn(1, 8, 8, 8)).grad_fn).__name__ != \
+        'DepthwiseConvFunctionBackward'  # stride 2: PyTorch's own backward
+
+
+def test_forward_conv_weight_gradient_compiles():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 7, padding=3, groups=16)
+    set_depthwise(conv, forward_conv_wgrad=True)
+    x = torch.randn(2, 16, 12, 12)
+    conv(x).square().sum().backward()
+    eager = conv.weight.grad.clone()
+    conv.weight.grad = None
+    torch.compile(conv, dynamic=False)(x).square().sum().backward()
+    assert torch.allclose(conv.weight.grad, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_device_settings_and_probe_key_follow_depthwise_wgrad():
+    model = timm.create_model('convnext_atto', num_classes=2)
+    DeviceSettings(torch.device('cpu'), True, 'bfloat16', False, False, 'native').prepare(model)
+    assert type(model.stages[0].blocks[0].conv_dw) is nn.Conv2d
+    DeviceSettings(torch.device('cpu'), True, 'bfloat16', False, False).prepare(model)  # forward_conv: the default
+    assert type(model.stages[0].blocks[0].conv_dw) is DepthwiseConv2d
+    args = cli.get_args_parser().parse_args(['--model', 'convnext_atto'])
+    cpu, key = torch.device('cpu'), precision.probe_key
+    assert args.depthwise_wgrad == 'forward_conv' and key(cpu, args).endswith(' | depthwise wgrad forward_conv')
+    assert 'wgrad' not in key(cpu, args, inference=True)  # forward passes only: the same either way
+    args.depthwise_wgrad = 'native'  # timings remembered before the flag existed were of this
+    assert 'wgrad' not in key(cpu, args)
+    args.depthwise_wgrad = 'fast'
+    with pytest.raises(DataError, match='--depthwise_wgrad must be one of forward_conv, native, got fast'):
+        key(cpu, args)
