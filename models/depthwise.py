@@ -9,17 +9,18 @@ memory 285-304 ms). The weight gradient of a depthwise convolution (stride 1, di
 correlation: for channel c, ``dW[c, i, j] = sum_n sum_{h,w} x_pad[n, c, h+i, w+j] * dY[n, c, h, w]``, which is a
 forward depthwise convolution of the padded input (N*C channels, one image) with each sample's output gradient as
 its kernel, summed over the samples (in fp32). Run through the fast forward kernel that way it took 3-6x less time
-in bf16, and a whole convnext_atto step ran 1.16x (eager) and 1.31x (compiled) faster in bf16 channels_last, 1.28x
-in bf16 contiguous and 1.22x in fp32 channels_last on that machine (``benchmark.py`` measures the pipelines).
-The forward pass and the input gradient are PyTorch's own.
+in bf16; on that machine, one process alternating the two ways on the same model, a compiled training step of
+convnextv2_atto (224 px, batch 16) ran 1.13x faster in bf16 channels_last and 1.10x with fp32 depthwise convolutions,
+and an FCMAE step (128 px, batch 32) 1.25x (``benchmark.py`` measures whole pipelines). The forward pass and the
+input gradient are PyTorch's own.
 
 Separately, bf16 depthwise convolutions as a whole were slow on a 2-core Intel Xeon with AMX: running them alone in
 fp32 channels_last while the rest of the model stays in bf16 autocast made a whole step about 1.4x faster there,
 and no faster on an AMD EPYC; ``precision.choose`` measures that per machine like the other candidates.
 
 The swaps change a module's class (and one plain attribute) only: parameters, buffers, hooks and ``state_dict`` keys
-stay as they are, so checkpoints do not depend on them. On CUDA (cuDNN's weight gradient is fast), in evaluation,
-under ``torch.no_grad`` and during ONNX export the convolutions run as ``nn.Conv2d`` does.
+stay as they are, so checkpoints do not depend on them. On CUDA (cuDNN's weight gradient is fast), in evaluation and
+prediction (run without gradients) and during ONNX export the convolutions run as ``nn.Conv2d`` does.
 """
 import torch
 import torch.nn.functional as F
