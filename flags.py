@@ -10,6 +10,7 @@ from imaging import PADDING_MODES
 from labels import check_ratio, head_classes, parse_label_list
 from metrics import check_metric_name
 from models import check_input_size, check_norm_layer, resnet_roadmap
+from models.depthwise import WGRAD_CHOICES
 from softLabelLoss import LOSS_FUNCTIONS
 from utils import DataError, str2bool, str2bool_or_auto
 
@@ -183,7 +184,7 @@ def add_run_flags(p):
     g.add_argument('--depthwise_fp32', type=str2bool_or_auto, default='auto',
                    help='with --use_amp: the depthwise convolutions in fp32 channels_last outside autocast (their '
                         'bf16 backward is slow on some CPUs); auto: measured per machine with --use_amp')
-    g.add_argument('--depthwise_wgrad', default='forward_conv', choices=['forward_conv', 'native'],
+    g.add_argument('--depthwise_wgrad', default='forward_conv', choices=WGRAD_CHOICES,
                    help='weight gradient of the depthwise convolutions when training on a CPU: forward_conv computes '
                         'it with the fast forward kernel, per sample (models.depthwise); native: PyTorch\'s backward')
     g.add_argument('--reuse_freed_memory', type=str2bool, default=True,

@@ -50,24 +50,19 @@ class DepthwiseConvFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         """Gradients of x, weight and bias (None where not needed)."""
         x, weight = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):  # backward() may be called inside an autocast block
-            return DepthwiseConvFunction.gradients(ctx, grad_out, x, weight)
-
-    @staticmethod
-    def gradients(ctx, grad_out, x, weight):
-        """``backward``'s work in the dtype of the saved tensors: (grad_x, grad_w, grad_b, None)."""
         (ph, pw), (n, c, h, w) = ctx.padding, x.shape
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(grad_out, x, weight, None, [1, 1], [ph, pw], [1, 1], False,
-                                                         [0, 0], c, [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
-            x_pad = F.pad(x, (pw, pw, ph, ph)).reshape(1, n * c, h + 2 * ph, w + 2 * pw)
-            per_sample = F.conv2d(x_pad, grad_out.reshape(n * c, 1, *grad_out.shape[2:]), groups=n * c)
-            grad_w = per_sample.reshape(n, c, *weight.shape[2:]).sum(0, dtype=torch.float32)
-            grad_w = grad_w.unsqueeze(1).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.sum((0, 2, 3), dtype=torch.float32).to(weight.dtype)
+        with torch.autocast(x.device.type, enabled=False):  # backward() may be called inside an autocast block
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.ops.aten.convolution_backward(grad_out, x, weight, None, [1, 1], [ph, pw], [1, 1],
+                                                             False, [0, 0], c, [True, False, False])[0]
+            if ctx.needs_input_grad[1]:
+                x_pad = F.pad(x, (pw, pw, ph, ph)).reshape(1, n * c, h + 2 * ph, w + 2 * pw)
+                per_sample = F.conv2d(x_pad, grad_out.reshape(n * c, 1, *grad_out.shape[2:]), groups=n * c)
+                grad_w = per_sample.reshape(n, c, *weight.shape[2:]).sum(0, dtype=torch.float32)
+                grad_w = grad_w.unsqueeze(1).to(weight.dtype)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = grad_out.sum((0, 2, 3), dtype=torch.float32).to(weight.dtype)
         return grad_x, grad_w, grad_b, None
 
 
@@ -153,11 +148,6 @@ def set_depthwise(model, fp32=False, forward_conv_wgrad=False):
     return count
 
 
-def set_depthwise_fp32(model, enabled):
-    """``set_depthwise(model, fp32=enabled)``: the depthwise convolutions of ``model`` in fp32 channels_last outside
-    autocast (``enabled``: bool) or back to ``nn.Conv2d``, their weight gradient PyTorch's own. Returns the count."""
-    return set_depthwise(model, fp32=enabled)
-
 
 __all__ = ['DepthwiseConvFunction', 'DepthwiseConv2d', 'DepthwiseConv2dFP32', 'WGRAD_CHOICES', 'depthwise_forward',
-           'is_depthwise', 'set_depthwise', 'set_depthwise_fp32', 'uses_forward_conv_wgrad']
+           'is_depthwise', 'set_depthwise', 'uses_forward_conv_wgrad']

@@ -11,8 +11,7 @@ import main as cli
 from conftest import train_argv
 from engine import DeviceSettings
 import precision
-from models.depthwise import (DepthwiseConv2d, DepthwiseConv2dFP32, DepthwiseConvFunction, set_depthwise,
-                              set_depthwise_fp32)
+from models.depthwise import DepthwiseConv2d, DepthwiseConv2dFP32, DepthwiseConvFunction, set_depthwise
 from utils import DataError
 from models.fcmae import FCMAE
 
@@ -21,12 +20,12 @@ def test_swap_changes_the_class_only():
     torch.manual_seed(0)
     model = timm.create_model('convnext_atto', num_classes=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert set_depthwise_fp32(model, True) == 12  # one per block: depths 2, 2, 6, 2
+    assert set_depthwise(model, fp32=True) == 12  # one per block: depths 2, 2, 6, 2
     assert type(model.stages[2].blocks[0].conv_dw) is DepthwiseConv2dFP32
     assert type(model.stem[0]) is nn.Conv2d and type(model.stages[1].downsample[1]) is nn.Conv2d  # not depthwise
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
-    assert set_depthwise_fp32(model, False) == 12
+    assert set_depthwise(model, fp32=False) == 12
     assert not any(isinstance(m, DepthwiseConv2dFP32) for m in model.modules())
 
 
@@ -38,11 +37,11 @@ def test_fp32_depthwise_under_autocast_is_closer_to_fp32():
         reference = model(x)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             plain = model(x).float()
-            set_depthwise_fp32(model, True)
+            set_depthwise(model, fp32=True)
             mixed = model(x).float()
             out = conv(torch.randn(2, 40, 16, 16, dtype=torch.bfloat16))
         assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
-        set_depthwise_fp32(model, False)
+        set_depthwise(model, fp32=False)
         assert torch.equal(model(x), reference)  # back to the plain class, the same function
     assert (mixed - reference).abs().max() < 0.1 * reference.abs().max()  # bf16 elsewhere: close, not equal
     assert (mixed - reference).abs().mean() <= (plain - reference).abs().mean()
@@ -53,7 +52,7 @@ def test_gradients_match_fp32_without_autocast():
     model, x = timm.create_model('convnext_atto', num_classes=2), torch.randn(2, 3, 64, 64, requires_grad=True)
     grads = []
     for enabled in (False, True):
-        set_depthwise_fp32(model, enabled)
+        set_depthwise(model, fp32=enabled)
         model.zero_grad(set_to_none=True)
         x.grad = None
         model(x).logsumexp(-1).sum().backward()
@@ -120,7 +119,8 @@ def test_forward_conv_weight_gradient_is_the_convolution_gradient():
     out = DepthwiseConvFunction.apply(x, weight, None, (3, 2))  # no bias: one gradient fewer, the same others
     assert out.shape == (3, 5, 9, 11)
     grads = torch.autograd.grad(out.square().sum(), (x, weight))
-    expected = torch.autograd.grad(nn.functional.conv2d(x, weight, padding=(3, 2), groups=5).square().sum(), (x, weight))
+    reference = nn.functional.conv2d(x, weight, padding=(3, 2), groups=5)
+    expected = torch.autograd.grad(reference.square().sum(), (x, weight))
     assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(grads, expected))
 
 
