@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -70,6 +71,37 @@ def test_cached_items_match_uncached_shapes_and_are_close(elpv_small):
         a, b = plain[i][0], cached[i][0]
         assert a.shape == b.shape == (3, 32, 32)
         assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.95
+
+
+def test_clahe_runs_once_on_cached_images_with_the_same_items(elpv_small, caplog):
+    # CLAHE (and the black-hat channel) give the same output for the same image: the dataset applies them to the
+    # cached images once; every item must equal the full transform run on the raw cached image, RNG included
+    from datasets import apply_fixed_steps, split_fixed_steps, to_tensor
+    frame = load_splits([elpv_small], (0.25, 0.25), 0)['train'].iloc[:4]
+    for extra, channels in [((), 1), (('--blackhat', '5'), 3)]:
+        for train in (True, False):
+            args = args_for('--clahe', '2', '--scale', '0.5', '1', '--crop_pct', '1.0', *extra)
+            full = build_transform(train, args)
+            raw = ImageCache(cache_side(32, 1.0, 0.5))
+            with caplog.at_level(logging.INFO):
+                ds = DefectDataset(frame, full, cache=raw)
+            assert 'LocalContrast(clip_limit=2.0, grid=8)' in caplog.text and 'applied once to 4' in caplog.text
+            assert 'LocalContrast' not in repr(ds.transform) and 'RandomResizedCrop' in repr(ds.transform) or not train
+            originals = raw.images(ds.paths, [None] * len(ds.paths))
+            assert all(a.ndim == 2 for a in originals)  # ELPV cells are grayscale
+            assert all((b.ndim == 3) == (channels == 3) for b in ds.cached)  # equal channels kept as one
+            assert not any(np.array_equal(a, b if b.ndim == 2 else b[..., 0]) for a, b in zip(originals, ds.cached))
+            for i in range(len(frame)):
+                random.seed(i), torch.manual_seed(i)  # timm's crop draws from random, the flips from torch
+                mine = ds[i][0]
+                random.seed(i), torch.manual_seed(i)
+                assert torch.equal(mine, to_tensor(originals[i], 3, full))
+            caplog.clear()
+    # without a fixed first step nothing is split off; an unreadable image stays None
+    plain = build_transform(True, args_for())
+    assert split_fixed_steps(plain)[0] is None
+    fixed, _ = split_fixed_steps(build_transform(False, args_for('--clahe', '2')))
+    assert apply_fixed_steps([None, np.zeros((8, 8), np.uint8)], fixed, 3)[0] is None
 
 
 def test_corrupt_image_in_cache_is_skipped(tmp_path):
