@@ -78,6 +78,8 @@ class LocalContrast:
         DataError: clip_limit <= 0 or grid < 1.
     """
 
+    deterministic = True  # the same output for the same image: DefectDataset applies it once to cached images
+
     def __init__(self, clip_limit=2.0, grid=8):
         if not clip_limit > 0 or int(grid) < 1:
             raise DataError(f'--clahe must be > 0 and --clahe_grid >= 1, got {clip_limit} and {grid}')
@@ -95,8 +97,6 @@ class LocalContrast:
 
     def __repr__(self):
         return f'LocalContrast(clip_limit={self.clip_limit}, grid={self.grid})'
-
-    deterministic = True  # the same output for the same image: DefectDataset applies it once to cached images
 
 
 class BlackHatChannel:
@@ -117,6 +117,8 @@ class BlackHatChannel:
         DataError: kernel < 3 or gain <= 0.
     """
 
+    deterministic = True  # see LocalContrast
+
     def __init__(self, kernel=5, gain=4.0):
         if int(kernel) < 3 or not gain > 0:
             raise DataError(f'--blackhat must be >= 3 pixels (0 = off) and its gain > 0, got {kernel} and {gain}')
@@ -134,8 +136,6 @@ class BlackHatChannel:
 
     def __repr__(self):
         return f'BlackHatChannel(kernel={self.kernel}, gain={self.gain})'
-
-    deterministic = True  # see LocalContrast
 
 
 def build_transform(is_train, args):
