@@ -64,6 +64,11 @@ class RandomRot90:
         return f'RandomRot90(p={self.p})'
 
 
+def _same_channels(arr):
+    """True when an [H, W, C] array has C > 1 channels that are all equal (a grayscale image converted to RGB)."""
+    return arr.shape[2] > 1 and all(np.array_equal(arr[..., 0], arr[..., i]) for i in range(1, arr.shape[2]))
+
+
 class LocalContrast:
     """Contrast Limited Adaptive Histogram Equalisation (CLAHE; Zuiderveld, Graphics Gems IV, 1994; OpenCV's
     ``cv2.createCLAHE``) of a PIL image, per channel of an RGB one: thin dark lines (cracks in electroluminescence
@@ -91,7 +96,7 @@ class LocalContrast:
         arr = np.asarray(img)
         if arr.ndim == 2:
             return Image.fromarray(clahe.apply(arr))
-        if arr.shape[2] > 1 and all(np.array_equal(arr[..., 0], arr[..., i]) for i in range(1, arr.shape[2])):
+        if _same_channels(arr):
             return Image.fromarray(cv2.merge([clahe.apply(np.ascontiguousarray(arr[..., 0]))] * arr.shape[2]))
         return Image.fromarray(np.dstack([clahe.apply(np.ascontiguousarray(arr[..., i])) for i in range(arr.shape[2])]))
 
@@ -209,7 +214,7 @@ def apply_fixed_steps(images, steps, in_chans, threads=None):
         if img is None:
             return None
         out = np.asarray(steps(to_pil(img, in_chans)))
-        if out.ndim == 3 and all(np.array_equal(out[..., 0], out[..., i]) for i in range(1, out.shape[2])):
+        if out.ndim == 3 and _same_channels(out):
             out = np.ascontiguousarray(out[..., 0])
         return out
 

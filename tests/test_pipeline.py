@@ -86,7 +86,8 @@ def test_clahe_runs_once_on_cached_images_with_the_same_items(elpv_small, caplog
             with caplog.at_level(logging.INFO):
                 ds = DefectDataset(frame, full, cache=raw)
             assert 'LocalContrast(clip_limit=2.0, grid=8)' in caplog.text and 'applied once to 4' in caplog.text
-            assert 'LocalContrast' not in repr(ds.transform) and 'RandomResizedCrop' in repr(ds.transform) or not train
+            assert 'LocalContrast' not in repr(ds.transform)  # split off, in training and evaluation
+            assert ('RandomResizedCrop' in repr(ds.transform)) == train
             originals = raw.images(ds.paths, [None] * len(ds.paths))
             assert all(a.ndim == 2 for a in originals)  # ELPV cells are grayscale
             assert all((b.ndim == 3) == (channels == 3) for b in ds.cached)  # equal channels kept as one
