@@ -197,9 +197,11 @@ def epoch_line(args, state, record, metrics, ema_metrics):
 
 def test_reserve(args, data, val_s):
     """Seconds a ``--time_budget`` run keeps for its test evaluation: the validation's ``val_s`` scaled to the test
-    split's size (0 without ``--test`` or a validation split)."""
+    split's size and, with ``--tta``, to its views (4 flips, or 8 with turns: ``tta_mode``); 0 without ``--test`` or
+    a validation split."""
     n_val, n_test = len(data.splits.get('val', ())), len(data.splits.get('test', ()))
-    return val_s * n_test / n_val if args.test and n_val else 0.0
+    views = {None: 1, 'flips': 4, 'dihedral': 8}[tta_mode(args.tta, args.rot90)]
+    return val_s * views * n_test / n_val if args.test and n_val else 0.0
 
 
 def train(args):
