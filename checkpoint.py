@@ -22,7 +22,9 @@ KINDS = ('classifier', 'fcmae')
 CHECKPOINT_FLAGS = ('model', 'nb_classes', 'in_chans', 'input_size', 'normalize', 'crop_pct', 'use_bbox', 'padding',
                     'padding_size', 'soft_label_ratio', 'test_val_ratio', 'seed', 'split_seed', 'label_list',
                     'use_softlabel', 'layer_scale_init_value', 'norm_layer', 'global_pool', 'clahe', 'clahe_grid',
-                    'blackhat', 'rot90', *ROADMAP_FLAGS)  # rot90: whether --tta may turn the images (engine.tta_mode)
+                    'blackhat', 'rot90', 'scale', *ROADMAP_FLAGS)
+# rot90: whether --tta may turn the images (engine.tta_mode); scale: with --clahe/--blackhat, the side of the cached
+# images they run on (runtime.make_cache), so --eval/--pred see the inputs the run's own test saw
 
 
 def check_output_dir(args):

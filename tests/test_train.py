@@ -488,3 +488,31 @@ def test_time_budget_fixes_the_run_length_and_resume_goes_on_from_it(elpv_small,
     monkeypatch.undo()
     summary = run(argv(spent, '--time_budget', '0.001'))  # 0.06 s: spent before the first epoch ends
     assert summary['epochs_run'] == 1 and len((spent / 'log.txt').read_text().splitlines()) == 1
+
+
+def test_test_reserve_scales_validation_time_by_split_size_and_tta_views():
+    """The time a --time_budget run keeps for its test: validation seconds x test/validation images x TTA views."""
+    from types import SimpleNamespace
+    data = SimpleNamespace(splits={'val': range(50), 'test': range(200)})
+
+    def reserve(test=True, tta=False, rot90=0.0):
+        return cli.test_reserve(SimpleNamespace(test=test, tta=tta, rot90=rot90), data, 10.0)
+
+    assert reserve() == pytest.approx(40.0)
+    assert reserve(tta=True) == pytest.approx(160.0)  # the four flips
+    assert reserve(tta=True, rot90=0.5) == pytest.approx(320.0)  # the eight symmetries
+    assert reserve(test=False, tta=True) == 0.0
+    assert cli.test_reserve(SimpleNamespace(test=True, tta=True, rot90=0.0),
+                            SimpleNamespace(splits={'test': range(200)}), 10.0) == 0.0
+
+
+def test_eval_repeats_the_runs_test_with_clahe_on_cached_images(elpv_small, tmp_path):
+    """CLAHE runs on the cached images, whose side follows --scale: --eval takes the run's --scale from the
+    checkpoint, so it sees the inputs the run's own test saw and gives its figures."""
+    out = tmp_path / 'run'
+    fp32 = ['--use_amp', 'False', '--channels_last', 'False', '--compile', 'False']  # one precision on both sides
+    summary = run(train_argv(elpv_small, out, '--clahe', '2', '--scale', '1.0', '1.0', '--epochs', '1', *fp32))
+    metrics = run(['--eval', 'True', '--resume', out / 'checkpoint-best.pth', '--eval_data_path', elpv_small,
+                   '--output_dir', tmp_path / 'eval', '--num_workers', '0', *fp32])
+    for k in ('auroc', 'brier', 'ece'):
+        assert metrics[k] == pytest.approx(summary['test'][k], abs=1e-5), k
